@@ -1,0 +1,314 @@
+"""The merge algebra: a Merge value and the combinators that build methods from pieces.
+
+A :class:`Merge` is a pure function on one leaf, in the shape optax gives gradient
+transformations. Its ``apply(x, ctx)`` receives the value flowing through a chain
+(at the start: the stacked task vectors ``f32[N, *shape]``) and a
+:class:`LeafContext`, and returns the next value. A complete method returns the
+merged task vector ``Δ: f32[*shape]``; the executor adds the base and casts.
+
+Pieces come in three kinds, told apart only by what they take and give:
+
+- *transforms* ``f32[N, *shape] -> f32[N, *shape]`` (trim, dare, elect_sign, ...),
+- *reductions* ``f32[N, *shape] -> f32[*shape]`` (mean, disjoint_mean, ...),
+- *post* steps ``f32[*shape] -> f32[*shape]`` (scale, ...).
+
+``chain`` threads a value through pieces, ``route`` picks a merge per leaf from
+static predicates on :class:`~jaxmerge.leaves.LeafInfo`, ``add`` sums two merges.
+
+Whole-model statistics (the RAM+ ρ_t, the global TIES threshold) are declared as
+:class:`StatsPass` values: a per-leaf partial statistic that the executor sums over
+all leaves in a streaming pass before the apply pass, then ``finalize``-s into the
+value a piece reads from ``ctx.stats[pass_id]``. A pass computed on a piece inside
+a chain sees the value *entering* that piece (``chain`` wraps it with the prefix).
+
+Per-expert extra inputs (e.g. Fisher tensors) are declared by name in
+``extra_inputs`` and arrive in ``ctx.extras[name]`` as ``f32[N, *shape]``.
+
+Example: TIES is ``chain(trim(0.2), elect_sign(), disjoint_mean(), scale(1.0))``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxmerge.errors import ConfigError
+from jaxmerge.leaves import LeafInfo
+
+Array = jax.Array
+PyTree = Any
+
+
+class LeafContext(NamedTuple):
+    """Everything a piece may read for one leaf.
+
+    Attributes:
+      taus: the original stacked task vectors ``f32[N, *shape]`` (θ_t − θ₀).
+      base: the base tensor θ₀, ``f32[*shape]``.
+      keys: one PRNG key per expert for this leaf, derived from the seed, the leaf's
+        name and the expert index (METHODS.md §0), so masks never depend on
+        traversal order, batching or sharding.
+      extras: per-expert extra inputs by name, each ``f32[N, *shape]``.
+      stats: finished whole-model statistics, keyed by :attr:`StatsPass.id`.
+      info: static facts about the leaf (shape, family, ...). Do not branch on the
+        name or layer inside ``apply``: leaves of one shape group share a compiled
+        call. Use :func:`route` with a name predicate instead.
+    """
+
+    taus: Array
+    base: Array
+    keys: Array
+    extras: Mapping[str, Array]
+    stats: Mapping[int, PyTree]
+    info: LeafInfo
+
+    @property
+    def num_experts(self) -> int:
+        return self.taus.shape[0]
+
+
+_pass_ids = itertools.count()
+
+
+def _everywhere(info: LeafInfo) -> bool:
+    del info
+    return True
+
+
+class StatsPass(NamedTuple):
+    """A whole-model statistic computed in a streaming pass before the merge.
+
+    Attributes:
+      id: unique id; the result is ``ctx.stats[id]``.
+      partial: ``(x, ctx) -> pytree`` of per-leaf partial sums (int32 counts or f32).
+      finalize: ``(total, stats_so_far) -> value`` turns the sum over all leaves
+        (numpy, int64/float64) into the statistic (a pytree of arrays).
+      applies: static predicate: which leaves contribute.
+      description: shown in the progress bar.
+    """
+
+    id: int
+    partial: Callable[[Array, LeafContext], PyTree]
+    finalize: Callable[[PyTree, Mapping[int, PyTree]], PyTree]
+    applies: Callable[[LeafInfo], bool] = _everywhere
+    description: str = "statistics"
+
+
+def stats_pass(partial, finalize, description="statistics") -> StatsPass:
+    """Creates a :class:`StatsPass` with a fresh id."""
+    return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description)
+
+
+def _no_choice(info: LeafInfo) -> Hashable:
+    del info
+    return ()
+
+
+def _any_n(num_experts: int) -> None:
+    del num_experts
+
+
+class Merge(NamedTuple):
+    """A merge method, or a piece of one.
+
+    Attributes:
+      apply: ``(x, ctx) -> y``, pure and jittable; see the module docstring.
+      passes: whole-model statistics this merge needs, in the order they run.
+      extra_inputs: names of per-expert extra tensors this merge reads.
+      choose: static routing signature of a leaf: leaves with different
+        signatures never share a compiled call (used by :func:`route`).
+      check: ``check(num_experts)`` raises ConfigError when the merge cannot take
+        that many experts (e.g. slerp needs 1 or 2).
+    """
+
+    apply: Callable[[Array, LeafContext], Array]
+    passes: tuple[StatsPass, ...] = ()
+    extra_inputs: tuple[str, ...] = ()
+    choose: Callable[[LeafInfo], Hashable] = _no_choice
+    check: Callable[[int], None] = _any_n
+
+
+def leaf_fn(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
+    """Wraps a plain ``(x, ctx) -> y`` function as a Merge piece."""
+    return Merge(apply, **kwargs)
+
+
+def _merge_checks(merges) -> Callable[[int], None]:
+    def check(num_experts: int) -> None:
+        for merge in merges:
+            merge.check(num_experts)
+
+    return check
+
+
+def _unique(names) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def chain(*pieces: Merge) -> Merge:
+    """Threads the value through ``pieces`` in order, like ``optax.chain``.
+
+    A statistics pass declared by piece ``i`` is computed on the value produced
+    by pieces ``0..i-1``, so ``chain(dare(0.8), trim(0.2, scope='global'))``
+    thresholds the DARE-sparsified task vectors.
+    """
+    if not pieces:
+        raise ConfigError("chain() needs at least one piece")
+
+    def apply(x, ctx):
+        for piece in pieces:
+            x = piece.apply(x, ctx)
+        return x
+
+    passes = []
+    for index, piece in enumerate(pieces):
+        prefix = pieces[:index]
+        for inner in piece.passes:
+            passes.append(inner._replace(partial=_after(prefix, inner.partial)))
+
+    return Merge(
+        apply=apply,
+        passes=tuple(passes),
+        extra_inputs=_unique(name for piece in pieces for name in piece.extra_inputs),
+        choose=lambda info: tuple(piece.choose(info) for piece in pieces),
+        check=_merge_checks(pieces),
+    )
+
+
+def _after(prefix: tuple[Merge, ...], partial):
+    if not prefix:
+        return partial
+
+    def wrapped(x, ctx):
+        for piece in prefix:
+            x = piece.apply(x, ctx)
+        return partial(x, ctx)
+
+    return wrapped
+
+
+class Predicate:
+    """A static test on a :class:`LeafInfo`, combinable with ``&``, ``|`` and ``~``."""
+
+    def __init__(self, test: Callable[[LeafInfo], bool], description: str):
+        self.test = test
+        self.description = description
+
+    def __call__(self, info: LeafInfo) -> bool:
+        return bool(self.test(info))
+
+    def __and__(self, other: Predicate) -> Predicate:
+        return Predicate(lambda i: self(i) and other(i), f"({self} & {other})")
+
+    def __or__(self, other: Predicate) -> Predicate:
+        return Predicate(lambda i: self(i) or other(i), f"({self} | {other})")
+
+    def __invert__(self) -> Predicate:
+        return Predicate(lambda i: not self(i), f"~{self}")
+
+    def __repr__(self) -> str:
+        return self.description
+
+
+matrix = Predicate(lambda info: info.is_matrix, "matrix")
+"""Matrix leaves (METHODS.md §0): 2-D, floating, not embedding/lm_head/norm."""
+
+everything = Predicate(lambda info: True, "everything")
+
+
+def family(*names: str) -> Predicate:
+    """Leaves whose module family is one of ``names`` (attention, ffn, norm, embedding, other)."""
+    return Predicate(lambda info: info.family in names, f"family{names}")
+
+
+def name(pattern: str) -> Predicate:
+    """Leaves whose name matches the regular expression ``pattern`` (``re.search``)."""
+    compiled = re.compile(pattern)
+    return Predicate(lambda info: compiled.search(info.name) is not None, f"name({pattern!r})")
+
+
+def ndim(*dims: int) -> Predicate:
+    """Leaves with one of the given numbers of dimensions."""
+    return Predicate(lambda info: info.ndim in dims, f"ndim{dims}")
+
+
+def layers(first: int, last: int) -> Predicate:
+    """Leaves in decoder layers ``first..last`` (inclusive)."""
+    return Predicate(
+        lambda info: info.layer is not None and first <= info.layer <= last,
+        f"layers({first}, {last})",
+    )
+
+
+def route(branches: Mapping[Predicate, Merge], default: Merge) -> Merge:
+    """Picks, per leaf, the merge of the first predicate that holds, else ``default``.
+
+    The choice is static (made from the leaf's name, shape and family before any
+    data is read), so each branch compiles separately and costs nothing at run time.
+    Statistics passes of a branch only see the leaves routed to it.
+    """
+    options = list(branches.items()) + [(everything, default)]
+    for predicate, merge in options:
+        if not isinstance(predicate, Predicate) or not isinstance(merge, Merge):
+            raise ConfigError("route() takes {Predicate: Merge} and a default Merge")
+
+    def pick(info: LeafInfo) -> int:
+        return next(i for i, (predicate, _) in enumerate(options) if predicate(info))
+
+    def apply(x, ctx):
+        return options[pick(ctx.info)][1].apply(x, ctx)
+
+    passes = []
+    for index, (_, merge) in enumerate(options):
+        for inner in merge.passes:
+            applies = _routed(pick, index, inner.applies)
+            passes.append(inner._replace(applies=applies))
+
+    return Merge(
+        apply=apply,
+        passes=tuple(passes),
+        extra_inputs=_unique(n for _, merge in options for n in merge.extra_inputs),
+        choose=lambda info: (pick(info), options[pick(info)][1].choose(info)),
+        check=_merge_checks([merge for _, merge in options]),
+    )
+
+
+def _routed(pick, index, applies):
+    return lambda info: pick(info) == index and applies(info)
+
+
+def add(*merges: Merge) -> Merge:
+    """Sums the merged task vectors of several merges run on the same input."""
+
+    def apply(x, ctx):
+        return sum(merge.apply(x, ctx) for merge in merges)
+
+    return Merge(
+        apply=apply,
+        passes=tuple(p for merge in merges for p in merge.passes),
+        extra_inputs=_unique(n for merge in merges for n in merge.extra_inputs),
+        choose=lambda info: tuple(merge.choose(info) for merge in merges),
+        check=_merge_checks(merges),
+    )
+
+
+def scale(factor: float) -> Merge:
+    """Multiplies the value by ``factor`` (the λ of task arithmetic and TIES)."""
+    return Merge(lambda x, ctx: x * jnp.float32(factor))
+
+
+def requires_experts(merge: Merge, allowed: Callable[[int], bool], message: str) -> Merge:
+    """Returns ``merge`` with a check that rejects other expert counts with ``message``."""
+    previous = merge.check
+
+    def check(num_experts: int) -> None:
+        if not allowed(num_experts):
+            raise ConfigError(message.format(n=num_experts))
+        previous(num_experts)
+
+    return merge._replace(check=check)

@@ -1,0 +1,378 @@
+"""The streaming executor: grouped, batched, jitted merges under a memory budget.
+
+For each group of same-shape leaves the executor stacks a chunk of leaves,
+``f32[L, N, *shape]``, and runs one ``jit(vmap(leaf_fn))`` call on it. The chunk
+size L comes from the memory budget and is fixed per group (the last chunk is
+padded), so every group compiles once. A reader thread fetches the next chunk
+while the current one computes, and a writer thread writes results straight to
+their place in the output files, so the peak memory is about two chunks of
+inputs plus one of outputs, never a whole model.
+
+Whole-model statistics (``Merge.passes``) run first, one streaming pass each,
+summing per-leaf partials on the host in 64-bit.
+
+Randomness: the key of expert t on leaf ``name`` is
+``fold_in(fold_in(key, crc32(name)), t)``: independent of order, batching and
+chunk size, so the same inputs, flags and seed give bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.algebra import LeafContext, Merge, StatsPass
+from jaxmerge.errors import JaxmergeError
+from jaxmerge.leaves import LeafInfo
+from jaxmerge.plan import LeafPlan, Plan, Source
+
+DEFAULT_CHUNK_BYTES = 512 * 2**20
+"""Default memory budget for one chunk of stacked inputs and their float32 work arrays."""
+
+_WORK_FACTOR = 3
+"""float32 working copies a leaf function holds per input, for the budget estimate."""
+
+
+class NonFiniteError(JaxmergeError):
+    """An input tensor holds NaN or infinity."""
+
+
+def name_hash(name: str) -> int:
+    """Stable 32-bit hash of a tensor name (the per-leaf PRNG salt)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def derive_keys(root_key, leaf_hash, num_experts: int):
+    """Per-expert keys of one leaf: ``fold_in(fold_in(root_key, leaf_hash), t)``."""
+    leaf_key = jax.random.fold_in(root_key, leaf_hash)
+    return jax.vmap(lambda t: jax.random.fold_in(leaf_key, t))(jnp.arange(num_experts))
+
+
+_derive_keys_jit = jax.jit(derive_keys, static_argnums=2)
+
+
+def leaf_keys(key, name: str, num_experts: int):
+    """The per-expert PRNG keys of leaf ``name``, exactly as the executor derives them."""
+    return _derive_keys_jit(key, np.uint32(name_hash(name)), num_experts)
+
+
+@dataclasses.dataclass
+class Sinks:
+    """Where finished tensors go: ``write(name, array, rows)`` like ShardedWriter."""
+
+    write: callable
+
+
+@dataclasses.dataclass
+class RunReport:
+    """Figures of one run."""
+
+    seconds: float = 0.0
+    bytes_read: int = 0
+    tensors_written: int = 0
+    compiled_calls: int = 0
+    chunks: int = 0
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, base, experts, extras, stats):
+    base32 = base.astype(jnp.float32)
+    taus = experts.astype(jnp.float32) - base32[None]
+    keys = derive_keys(root_key, leaf_hash, experts.shape[0])
+    extras32 = {name: value.astype(jnp.float32) for name, value in extras.items()}
+    return LeafContext(taus, base32, keys, extras32, stats, merge_info)
+
+
+def _finite_flags(base, experts, extras):
+    """[1 + N + N·E] bools: base, each expert, each extra input finite?"""
+    flags = [jnp.all(jnp.isfinite(base.astype(jnp.float32)))[None]]
+    flags.append(jnp.all(jnp.isfinite(experts.astype(jnp.float32)).reshape(
+        experts.shape[0], -1), axis=1))
+    for value in extras.values():
+        flags.append(jnp.all(jnp.isfinite(value.astype(jnp.float32)).reshape(
+            value.shape[0], -1), axis=1))
+    return jnp.concatenate(flags)
+
+
+def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
+    def one(root_key, leaf_hash, base, experts, extras, stats):
+        ctx = _leaf_context(info, root_key, leaf_hash, base, experts, extras, stats)
+        delta = merge.apply(ctx.taus, ctx)
+        merged = (ctx.base + delta).astype(out_dtype)
+        return merged, _finite_flags(base, experts, extras)
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
+
+
+def _compile_pass(stats_pass: StatsPass, info: LeafInfo):
+    def one(root_key, leaf_hash, base, experts, extras, stats):
+        ctx = _leaf_context(info, root_key, leaf_hash, base, experts, extras, stats)
+        return stats_pass.partial(ctx.taus, ctx)
+
+    batched = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None))
+
+    def summed(root_key, hashes, base, experts, extras, stats, valid):
+        partials = batched(root_key, hashes, base, experts, extras, stats)
+        return jax.tree.map(
+            lambda p: jnp.sum(p * valid.reshape((-1,) + (1,) * (p.ndim - 1)).astype(p.dtype),
+                              axis=0),
+            partials,
+        )
+
+    return jax.jit(summed)
+
+
+@dataclasses.dataclass
+class _Chunk:
+    leaves: list[LeafPlan]
+    size: int  # padded size
+
+
+class Executor:
+    """Runs a :class:`Merge` over a :class:`Plan`, streaming tensors from sources to a sink.
+
+    Args:
+      merge: the method.
+      plan: from :func:`jaxmerge.plan.build_plan`.
+      base, experts, extras: the sources the plan was built from.
+      key: root PRNG key (``jax.random.key(seed)``).
+      chunk_bytes: memory budget for one chunk of inputs plus float32 work arrays.
+      progress: show tqdm progress bars on stderr.
+    """
+
+    def __init__(self, merge: Merge, plan: Plan, base: Source, experts: Sequence[Source],
+                 extras: Mapping[str, Sequence[Source]] | None = None, *, key=None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False):
+        self.merge = merge
+        self.plan = plan
+        self.base = base
+        self.experts = list(experts)
+        self.extras = {name: list(sources) for name, sources in (extras or {}).items()}
+        missing = [name for name in merge.extra_inputs if name not in self.extras]
+        if missing:
+            raise JaxmergeError(f"this method needs per-expert {missing[0]!r} inputs")
+        self.extras = {name: self.extras[name] for name in merge.extra_inputs}
+        self.key = jax.random.key(0) if key is None else key
+        self.chunk_bytes = int(chunk_bytes)
+        self.progress = progress
+        self.report = RunReport()
+        self._compiled: dict = {}
+        merge.check(len(self.experts))
+
+    # -- planning chunks ---------------------------------------------------
+
+    def _leaf_bytes(self, leaf: LeafPlan) -> int:
+        count = math.prod(leaf.info.shape) if leaf.info.shape else 1
+        inputs = 1 + len(self.experts) * (1 + len(self.extras))
+        itemsize = np.dtype(leaf.info.dtype).itemsize if leaf.info.dtype != "bfloat16" else 2
+        return count * inputs * (itemsize + 4 * _WORK_FACTOR)
+
+    def _chunks(self, applies=None) -> list[_Chunk]:
+        chunks = []
+        for leaves in self.plan.groups.values():
+            if applies is not None:
+                leaves = [leaf for leaf in leaves if applies(leaf.info)]
+            if not leaves:
+                continue
+            size = max(1, min(len(leaves), self.chunk_bytes // max(1, self._leaf_bytes(
+                leaves[0]))))
+            for start in range(0, len(leaves), size):
+                chunks.append(_Chunk(leaves[start:start + size], size))
+        return chunks
+
+    # -- reading -----------------------------------------------------------
+
+    def _dtype_of(self, leaf: LeafPlan, source: Source) -> np.dtype:
+        return source.entries()[leaf.name][0]
+
+    def _read_chunk(self, chunk: _Chunk):
+        first = chunk.leaves[0]
+        shape = first.info.shape
+        n = len(self.experts)
+        base_dtype = self._dtype_of(first, self.base)
+        base = np.zeros((chunk.size, *shape), base_dtype)
+        experts = np.zeros((chunk.size, n, *shape), base_dtype)
+        extras = {
+            name: np.zeros((chunk.size, n, *shape), self._dtype_of(first, sources[0]))
+            for name, sources in self.extras.items()
+        }
+        for i, leaf in enumerate(chunk.leaves):
+            rows = None if leaf.rows is None else (0, leaf.rows)
+            self.base.read(leaf.name, base[i], rows)
+            for t, expert in enumerate(self.experts):
+                expert.read(leaf.name, experts[i, t], rows)
+            for name, sources in self.extras.items():
+                for t, source in enumerate(sources):
+                    source.read(leaf.name, extras[name][i, t], rows)
+        hashes = np.zeros(chunk.size, np.uint32)
+        hashes[: len(chunk.leaves)] = [name_hash(leaf.name) for leaf in chunk.leaves]
+        nbytes = base.nbytes + experts.nbytes + sum(v.nbytes for v in extras.values())
+        nbytes = nbytes * len(chunk.leaves) // chunk.size
+        return hashes, base, experts, extras, nbytes
+
+    def _stream(self, chunks: list[_Chunk], description: str):
+        """Yields (chunk, arrays) with the next chunk's read running in the background."""
+        total = sum(self._chunk_input_bytes(chunk) for chunk in chunks)
+        bar = _progress_bar(total, description, self.progress)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-read") as pool:
+            pending = pool.submit(self._read_chunk, chunks[0]) if chunks else None
+            for index, chunk in enumerate(chunks):
+                arrays = pending.result()
+                pending = pool.submit(self._read_chunk, chunks[index + 1]) if index + 1 < len(
+                    chunks) else None
+                self.report.bytes_read += arrays[-1]
+                yield chunk, arrays
+                bar.update(arrays[-1])
+                bar.set_postfix_str(f"{chunk.leaves[-1].name}", refresh=False)
+        bar.close()
+
+    def _chunk_input_bytes(self, chunk: _Chunk) -> int:
+        total = 0
+        for leaf in chunk.leaves:
+            count = math.prod(leaf.info.shape) if leaf.info.shape else 1
+            itemsize = self._dtype_of(leaf, self.base).itemsize
+            total += count * itemsize * (1 + len(self.experts) * (1 + len(self.extras)))
+        return total
+
+    # -- running -------------------------------------------------------------
+
+    def _compiled_fn(self, kind, chunk: _Chunk, factory):
+        info = chunk.leaves[0].info
+        key = (kind, info.group_key(), self.merge.choose(info), chunk.leaves[0].out_dtype.str,
+               chunk.leaves[0].out_dtype.name)
+        if key not in self._compiled:
+            self._compiled[key] = factory(info)
+            self.report.compiled_calls += 1
+        return self._compiled[key]
+
+    def compute_stats(self) -> dict:
+        """Runs every statistics pass, in order; returns {pass id: statistic}."""
+        stats: dict = {}
+        for number, stats_pass in enumerate(self.merge.passes, start=1):
+            chunks = self._chunks(stats_pass.applies)
+            total = None
+            label = f"pass {number}/{len(self.merge.passes)}: {stats_pass.description}"
+            for chunk, (hashes, base, experts, extras, _) in self._stream(chunks, label):
+                fn = self._compiled_fn(("pass", stats_pass.id), chunk,
+                                       lambda info, p=stats_pass: _compile_pass(p, info))
+                valid = np.arange(chunk.size) < len(chunk.leaves)
+                partial = fn(self.key, hashes, base, experts, extras, _device_stats(stats), valid)
+                partial = jax.tree.map(_widen, partial)
+                total = partial if total is None else jax.tree.map(np.add, total, partial)
+                self.report.chunks += 1
+            if total is None:
+                raise JaxmergeError(f"statistics pass {stats_pass.description!r} saw no tensor")
+            stats[stats_pass.id] = stats_pass.finalize(total, stats)
+        self.report.stats = stats
+        return stats
+
+    def run(self, write) -> RunReport:
+        """Merges every tensor and hands it to ``write(name, array, rows=None)``."""
+        start = time.perf_counter()
+        stats = self.compute_stats()
+        aliases: dict[str, list[str]] = {}
+        for leaf in self.plan.leaves:
+            if leaf.alias_of is not None:
+                aliases.setdefault(leaf.alias_of, []).append(leaf.name)
+
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write") as pool:
+            pending = None
+            device_stats = _device_stats(stats)
+            for chunk, (hashes, base, experts, extras, _) in self._stream(self._chunks(),
+                                                                           "merge"):
+                out_dtype = chunk.leaves[0].out_dtype
+                fn = self._compiled_fn("apply", chunk,
+                                       lambda info, d=out_dtype: _compile_apply(self.merge, info,
+                                                                                d))
+                merged, finite = fn(self.key, hashes, base, experts, extras, device_stats)
+                self._check_finite(chunk, np.asarray(finite))
+                merged = np.asarray(merged)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(self._write_chunk, write, chunk, merged, aliases)
+                self.report.chunks += 1
+            if pending is not None:
+                pending.result()
+            for leaf in self.plan.leaves:
+                if leaf.copy:
+                    self._copy_from_base(write, leaf)
+        self.report.seconds = time.perf_counter() - start
+        return self.report
+
+    def _write_chunk(self, write, chunk: _Chunk, merged: np.ndarray, aliases) -> None:
+        for i, leaf in enumerate(chunk.leaves):
+            for name in [leaf.name, *aliases.get(leaf.name, [])]:
+                if leaf.rows is None:
+                    write(name, merged[i])
+                else:
+                    write(name, merged[i], (0, leaf.rows))
+                    self._write_tail(write, name, leaf)
+                self.report.tensors_written += 1
+
+    def _write_tail(self, write, name: str, leaf: LeafPlan) -> None:
+        source = [self.base, *self.experts][leaf.tail]
+        rows = (leaf.rows, leaf.out_shape[0])
+        tail = np.empty((rows[1] - rows[0], *leaf.out_shape[1:]), source.entries()[leaf.name][0])
+        source.read(leaf.name, tail, rows)
+        write(name, tail.astype(leaf.out_dtype), rows)
+
+    def _copy_from_base(self, write, leaf: LeafPlan) -> None:
+        dtype, shape = self.base.entries()[leaf.name]
+        value = np.empty(shape, dtype)
+        self.base.read(leaf.name, value)
+        write(leaf.name, value)
+        self.report.tensors_written += 1
+
+    def _check_finite(self, chunk: _Chunk, finite: np.ndarray) -> None:
+        if finite.all():
+            return
+        owners = [self.base, *self.experts] + [s for sources in self.extras.values()
+                                               for s in sources]
+        for i, leaf in enumerate(chunk.leaves):
+            bad = np.flatnonzero(~finite[i])
+            if bad.size:
+                source = owners[bad[0]]
+                raise NonFiniteError(
+                    f"tensor {leaf.name!r} in {source.location(leaf.name)} contains NaN or "
+                    "infinite values"
+                )
+
+
+def _widen(value):
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
+        return value.astype(np.int64)
+    return value.astype(np.float64)
+
+
+def _device_stats(stats: dict) -> dict:
+    """Statistics as arrays for jit: host-only bookkeeping values stay as they are."""
+    return {key: jax.tree.map(np.asarray, value) for key, value in stats.items()}
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, leave=True)

@@ -1,0 +1,242 @@
+"""Command line: python -m jaxmerge.main --method=NAME --base=DIR --experts=DIR,DIR --output=DIR
+
+A thin absl front-end over jaxmerge.merge_checkpoints: flags -> a Merge -> one
+streaming run. No math lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import runpy
+import shlex
+import sys
+
+from absl import app, flags
+
+from jaxmerge import methods
+from jaxmerge.algebra import Merge
+from jaxmerge.errors import ConfigError, JaxmergeError
+
+
+def _usage() -> str:
+    lines = [
+        "jaxmerge: merge fine-tuned Hugging Face checkpoints into one.",
+        "",
+        "Usage:",
+        "  python -m jaxmerge.main --method=ties --base=BASE_DIR \\",
+        "      --experts=EXPERT_1,EXPERT_2 --output=OUT_DIR [--density=0.2 ...]",
+        "  python -m jaxmerge.main --recipe=my_merge.py --base=... --experts=... --output=...",
+        "  python -m jaxmerge.main --demo        # builds SmolLM2-135M + 3 experts and merges them",
+        "",
+        "Methods (hyperparameter flags in brackets; defaults follow METHODS.md):",
+    ]
+    for name, spec in methods.REGISTRY.items():
+        hyper = ", ".join(f"--{flag}" for flag in spec.flags)
+        if spec.uses_weights:
+            hyper = ", ".join(filter(None, [hyper, "--weights"]))
+        lines.append(f"  {name:17s} {spec.summary}" + (f" [{hyper}]" if hyper else ""))
+    lines += [
+        "",
+        "The output directory is written atomically (a temporary sibling renamed at the",
+        "end) and holds sharded safetensors + index, config.json, the base's tokenizer",
+        "and generation config, jaxmerge_config.json (the full record) and a README model",
+        "card. Load it with transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+    ]
+    return "\n".join(lines)
+
+
+__doc__ = _usage()  # absl prints the main module's docstring as the usage text.
+
+_METHOD = flags.DEFINE_enum("method", None, list(methods.REGISTRY),
+                            "Merge method (see the list above). Exclusive with --recipe.")
+_RECIPE = flags.DEFINE_string(
+    "recipe", None,
+    "Python file that builds a jaxmerge.Merge with the algebra and binds it to the name "
+    "`merge` (e.g. merge = jaxmerge.chain(ops.trim(0.3), ops.elect_sign(), "
+    "ops.disjoint_mean())). Exclusive with --method.")
+_BASE = flags.DEFINE_string("base", None, "Base model directory (Hugging Face safetensors).")
+_EXPERTS = flags.DEFINE_list("experts", None, "Comma-separated fine-tuned model directories.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory to create.")
+_SCALE = flags.DEFINE_float("scale", 1.0, "λ: multiplies the merged task vector (task_arithmetic, "
+                            "ties, dare_*, breadcrumbs*, della).")
+_WEIGHTS = flags.DEFINE_list("weights", None, "Per-expert weights, comma-separated (linear, "
+                             "task_arithmetic). Default: all 1.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
+                           "Output dtype of floating tensors. Default: the base's dtype.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random methods (dare_*, della).")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB",
+                                      "Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+_FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "orbax"],
+                            "Output format: Hugging Face safetensors, or an orbax checkpoint "
+                            "in OUTPUT/params (plus config and tokenizer).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+_CHUNK_MEMORY = flags.DEFINE_string(
+    "chunk_memory", "512MB",
+    "Memory budget of one batched chunk of same-shape tensors (inputs + float32 work).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
+_DEMO = flags.DEFINE_bool(
+    "demo", False,
+    "Build the real SmolLM2-135M-Instruct base and 3 derived RL-style experts in --demo_dir "
+    "(needs the 'demo' extra), then merge them (method: --method, default ties).")
+_DEMO_DIR = flags.DEFINE_string("demo_dir", "jaxmerge-demo", "Where --demo builds and merges.")
+
+# Method hyperparameters: each default is the METHODS.md default.
+_HYPER = {
+    "density": flags.DEFINE_float("density", 0.2, "Fraction of entries kept (ties trim k, "
+                                  "breadcrumbs, della)."),
+    "ties_scope": flags.DEFINE_enum("ties_scope", "per_tensor", ["per_tensor", "global"],
+                                    "TIES trim threshold and majority-sign scope."),
+    "aggregation": flags.DEFINE_enum("aggregation", "mean", ["mean", "sum"],
+                                     "Disjoint merge of the sign-agreeing entries (ties, "
+                                     "dare_ties, breadcrumbs_ties, della)."),
+    "drop_rate": flags.DEFINE_float("drop_rate", 0.8, "DARE drop rate p (density 1 - p)."),
+    "dare_trim_density": flags.DEFINE_float("dare_trim_density", None,
+                                            "dare_ties: also TIES-trim to this density after "
+                                            "DARE (default: no trim)."),
+    "gamma": flags.DEFINE_float("gamma", 0.01, "Breadcrumbs: fraction of largest entries "
+                                "dropped."),
+    "della_epsilon": flags.DEFINE_float("della_epsilon", 0.15, "DELLA: keep probabilities span "
+                                        "density ± epsilon."),
+    "t": flags.DEFINE_float("t", 0.5, "SLERP interpolation factor (0 = first model)."),
+    "ram_epsilon": flags.DEFINE_float("ram_epsilon", 1e-5, "RAM/RAM+: |τ| > epsilon counts as "
+                                      "updated."),
+    "ram_r": flags.DEFINE_float("ram_r", 0.1, "RAM+: rescale rate r."),
+    "ram_alpha": flags.DEFINE_float("ram_alpha", 2.0, "RAM+: clip of the shared/unique ratio."),
+    "ram_scope": flags.DEFINE_enum("ram_scope", "global", ["global", "per_tensor"],
+                                   "RAM+: count shared/unique over the model or per tensor."),
+}
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6,
+          "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2·2³⁰, '1e9' -> 10⁹."""
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ConfigError(f"--{flag}={text!r} is not a size like 5GB, 500MB or 2GiB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"--{flag} must be positive, got {text!r}")
+    return value
+
+
+def hyperparameters(method: str) -> dict:
+    """The flag values that the method uses, by flag name."""
+    spec = methods.REGISTRY[method]
+    values = {flag: _HYPER[flag].value for flag in spec.flags if flag != "scale"}
+    if "scale" in spec.flags:
+        values["scale"] = _SCALE.value
+    return values
+
+
+def load_recipe(path: str) -> Merge:
+    """Runs a recipe file and returns its ``merge`` value."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--recipe file {file} does not exist")
+    try:
+        namespace = runpy.run_path(str(file))
+    except JaxmergeError:
+        raise
+    except Exception as error:  # a user's file: report, do not crash with a traceback
+        raise ConfigError(f"--recipe {file} failed: {type(error).__name__}: {error}") from error
+    merge = namespace.get("merge")
+    if not isinstance(merge, Merge):
+        raise ConfigError(f"--recipe {file} must bind a jaxmerge.Merge to the name `merge`")
+    return merge
+
+
+def _weights() -> list[float] | None:
+    if _WEIGHTS.value is None:
+        return None
+    try:
+        return [float(w) for w in _WEIGHTS.value]
+    except ValueError as error:
+        raise ConfigError(f"--weights must be numbers, got {','.join(_WEIGHTS.value)}") from error
+
+
+def _demo_inputs() -> tuple[str, list[str], str]:
+    from jaxmerge import demo
+
+    root = pathlib.Path(_DEMO_DIR.value)
+    base, experts = demo.build_demo(root)
+    output = _OUTPUT.value or str(root / "merged")
+    return str(base), [str(e) for e in experts], output
+
+
+def run(argv) -> int:
+    """Parses nothing itself: reads the already-parsed flags and merges."""
+    from jaxmerge.api import merge_checkpoints
+
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _METHOD.value and _RECIPE.value:
+        raise ConfigError("give --method or --recipe, not both")
+    method = _METHOD.value or ("ties" if _DEMO.value and not _RECIPE.value else None)
+    if not method and not _RECIPE.value:
+        raise ConfigError("--method (or --recipe) is required; see --help for the methods")
+    if _DEMO.value:
+        base, experts, output = _demo_inputs()
+        overwrite = True if _OUTPUT.value is None else _OVERWRITE.value
+    else:
+        missing = [f"--{n}" for n, v in (("base", _BASE.value), ("experts", _EXPERTS.value),
+                                          ("output", _OUTPUT.value)) if not v]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} required")
+        base, experts, output, overwrite = (_BASE.value, _EXPERTS.value, _OUTPUT.value,
+                                            _OVERWRITE.value)
+    if _RECIPE.value:
+        merge, name, hyper = load_recipe(_RECIPE.value), f"recipe:{_RECIPE.value}", {}
+    else:
+        hyper = hyperparameters(method)
+        merge = methods.build(method, hyper, _weights())
+        name = method
+        if _WEIGHTS.value is not None:
+            hyper["weights"] = _weights()
+    result = merge_checkpoints(
+        merge, base, experts, output,
+        method_name=name,
+        hyperparameters=hyper,
+        seed=_SEED.value,
+        dtype=_DTYPE.value,
+        max_shard_size=parse_size(_MAX_SHARD_SIZE.value, "max_shard_size"),
+        output_format=_FORMAT.value,
+        overwrite=overwrite,
+        chunk_bytes=parse_size(_CHUNK_MEMORY.value, "chunk_memory"),
+        progress=_PROGRESS.value,
+        command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    report = result.report
+    print(f"merged {len(experts)} experts with {name} into {result.output} "
+          f"({report.tensors_written} tensors, {report.bytes_read / 1e6:.0f} MB read, "
+          f"{report.seconds:.1f} s)")
+    print("load it with:\n  from transformers import AutoModelForCausalLM\n"
+          f"  model = AutoModelForCausalLM.from_pretrained({str(result.output)!r})")
+    return 0
+
+
+def main(argv) -> int:
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
+    try:
+        return run(argv)
+    except JaxmergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    app.run(main)
+
+
+def entry_point() -> None:
+    """Console script ``jaxmerge``: same as ``python -m jaxmerge.main``."""
+    app.run(main)

@@ -1,0 +1,182 @@
+"""Named merge methods, each defined as a composition of the algebra's pieces.
+
+Every factory returns a :class:`~jaxmerge.algebra.Merge` whose result is the
+merged task vector Δ (θ = θ₀ + Δ). Formulas and defaults: ``METHODS.md`` §1, §2,
+§5. ``REGISTRY`` maps CLI method names to factories and to the command-line flags
+that set their hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from jaxmerge import ops
+from jaxmerge.algebra import Merge, chain, scale
+from jaxmerge.errors import ConfigError
+
+
+def _aggregate(aggregation: str) -> Merge:
+    if aggregation == "mean":
+        return ops.disjoint_mean()
+    if aggregation == "sum":
+        return ops.sum_experts()
+    raise ConfigError(f"aggregation must be 'mean' or 'sum', got {aggregation!r}")
+
+
+def linear(weights: Sequence[float] | None = None) -> Merge:
+    """Model soup: Δ = Σ_t w_t τ_t / Σ_t w_t (Wortsman et al. 2022); weights default to 1."""
+    return ops.weighted_mean(weights)
+
+
+def task_arithmetic(scale_factor: float = 1.0, weights: Sequence[float] | None = None) -> Merge:
+    """Task arithmetic (Ilharco et al. 2023): Δ = λ Σ_t w_t τ_t, λ = 1.0, weights 1."""
+    pieces = [] if weights is None else [ops.weight_experts(weights)]
+    return chain(*pieces, ops.sum_experts(), scale(scale_factor))
+
+
+def ties(density: float = 0.2, scale_factor: float = 1.0, scope: str = "per_tensor",
+         aggregation: str = "mean") -> Merge:
+    """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean, scale.
+
+    Args:
+      density: fraction of each task vector kept by magnitude, k = 0.2.
+      scale_factor: λ = 1.0.
+      scope: trim threshold and zero-sign majority over each tensor (``per_tensor``,
+        house default) or over the whole model per task (``global``, two extra passes).
+      aggregation: ``mean`` (disjoint mean, the paper) or ``sum``.
+    """
+    return chain(ops.trim(density, scope), ops.elect_sign(scope), _aggregate(aggregation),
+                 scale(scale_factor))
+
+
+def dare_linear(drop_rate: float = 0.8, scale_factor: float = 1.0) -> Merge:
+    """DARE + task arithmetic (Yu et al. 2024): Δ = λ Σ_t m_t ⊙ τ_t / (1 − p), p = 0.8."""
+    return chain(ops.dare(drop_rate), ops.sum_experts(), scale(scale_factor))
+
+
+def dare_ties(drop_rate: float = 0.8, scale_factor: float = 1.0,
+              trim_density: float | None = None, aggregation: str = "mean") -> Merge:
+    """DARE + TIES: drop-and-rescale, optionally trim, elect sign, disjoint mean, scale.
+
+    Args:
+      drop_rate: p = 0.8.
+      scale_factor: λ = 1.0.
+      trim_density: if set, a per-tensor TIES trim with this density after DARE.
+      aggregation: ``mean`` (default) or ``sum`` (mergekit's dare_ties).
+    """
+    trim = [] if trim_density is None else [ops.trim(trim_density)]
+    return chain(ops.dare(drop_rate), *trim, ops.elect_sign(), _aggregate(aggregation),
+                 scale(scale_factor))
+
+
+def breadcrumbs(density: float = 0.2, gamma: float = 0.01, scale_factor: float = 1.0) -> Merge:
+    """Model Breadcrumbs + task arithmetic: drop the top γ and the smallest, keep ``density``."""
+    return chain(ops.breadcrumbs_mask(density, gamma), ops.sum_experts(), scale(scale_factor))
+
+
+def breadcrumbs_ties(density: float = 0.2, gamma: float = 0.01, scale_factor: float = 1.0,
+                     aggregation: str = "mean") -> Merge:
+    """Model Breadcrumbs masks followed by TIES sign election and disjoint mean."""
+    return chain(ops.breadcrumbs_mask(density, gamma), ops.elect_sign(),
+                 _aggregate(aggregation), scale(scale_factor))
+
+
+def della(density: float = 0.2, epsilon: float = 0.15, scale_factor: float = 1.0,
+          aggregation: str = "mean") -> Merge:
+    """DELLA (Deep et al. 2024): MagPrune with 1/p_i rescale, then TIES election and mean."""
+    return chain(ops.della_mask(density, epsilon), ops.elect_sign(), _aggregate(aggregation),
+                 scale(scale_factor))
+
+
+def slerp(t: float = 0.5) -> Merge:
+    """SLERP between the base and one expert, or between two experts; t = 0.5."""
+    return ops.slerp_reduce(t)
+
+
+def model_stock() -> Merge:
+    """Model Stock (Jang et al. 2024): Δ = τ·mean_t τ_t from the mean pairwise cosine."""
+    return ops.model_stock_reduce()
+
+
+def ram(epsilon: float = 1e-5) -> Merge:
+    """RAM (Yuan et al. 2026): unique deltas kept, shared ones averaged over active experts.
+
+    Δ_i = Σ_t m_t,i τ_t,i / max(c_i, 1) with m = |τ| > ε (ε = 1e-5, strict).
+    """
+    return chain(ops.active(epsilon), ops.disjoint_mean())
+
+
+def ram_plus(epsilon: float = 1e-5, r: float = 0.1, alpha: float = 2.0,
+             scope: str = "global") -> Merge:
+    """RAM+ : RAM with unique entries of expert t scaled by λ_t = 1 + r·clip(S_t/U_t, 0, α).
+
+    House defaults r = 0.1, α = 2.0 (paper); the official code is r = 0.2, α = 1.0.
+    ``scope='per_tensor'`` counts S_t, U_t per tensor (mergekit's ``ramplus_tl``).
+    """
+    return chain(ops.active(epsilon), ops.boost_unique(r, alpha, scope), ops.disjoint_mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A named method for the command line.
+
+    Attributes:
+      factory: builds the Merge from keyword hyperparameters.
+      flags: command-line flag name -> the factory's keyword argument.
+      summary: one line for ``--help``.
+      uses_weights: whether ``--weights`` applies.
+    """
+
+    factory: Callable[..., Merge]
+    flags: dict[str, str]
+    summary: str
+    uses_weights: bool = False
+
+
+REGISTRY: dict[str, MethodSpec] = {
+    "linear": MethodSpec(linear, {}, "weighted average of the experts (model soup)", True),
+    "task_arithmetic": MethodSpec(task_arithmetic, {"scale": "scale_factor"},
+                                  "base + λ·Σ task vectors", True),
+    "ties": MethodSpec(ties, {"density": "density", "scale": "scale_factor",
+                              "ties_scope": "scope", "aggregation": "aggregation"},
+                       "TIES: trim, elect sign, disjoint mean"),
+    "dare_linear": MethodSpec(dare_linear, {"drop_rate": "drop_rate", "scale": "scale_factor"},
+                              "DARE drop-and-rescale + task arithmetic"),
+    "dare_ties": MethodSpec(dare_ties, {"drop_rate": "drop_rate", "scale": "scale_factor",
+                                        "dare_trim_density": "trim_density",
+                                        "aggregation": "aggregation"},
+                            "DARE drop-and-rescale + TIES election"),
+    "breadcrumbs": MethodSpec(breadcrumbs, {"density": "density", "gamma": "gamma",
+                                            "scale": "scale_factor"},
+                              "Model Breadcrumbs + task arithmetic"),
+    "breadcrumbs_ties": MethodSpec(breadcrumbs_ties, {"density": "density", "gamma": "gamma",
+                                                      "scale": "scale_factor",
+                                                      "aggregation": "aggregation"},
+                                   "Model Breadcrumbs + TIES election"),
+    "della": MethodSpec(della, {"density": "density", "della_epsilon": "epsilon",
+                                "scale": "scale_factor", "aggregation": "aggregation"},
+                        "DELLA magnitude-ranked drop + TIES election"),
+    "slerp": MethodSpec(slerp, {"t": "t"}, "spherical interpolation of 2 models"),
+    "model_stock": MethodSpec(model_stock, {}, "Model Stock interpolation toward the base"),
+    "ram": MethodSpec(ram, {"ram_epsilon": "epsilon"},
+                      "RAM: keep unique deltas, average shared ones"),
+    "ram_plus": MethodSpec(ram_plus, {"ram_epsilon": "epsilon", "ram_r": "r",
+                                      "ram_alpha": "alpha", "ram_scope": "scope"},
+                           "RAM+: RAM with overlap-aware rescaling of unique deltas"),
+}
+"""CLI method name -> MethodSpec."""
+
+
+def build(method: str, hyperparameters: dict, weights: Sequence[float] | None = None) -> Merge:
+    """Builds a registered method from flag-named hyperparameters (unused ones ignored)."""
+    if method not in REGISTRY:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(REGISTRY)}")
+    spec = REGISTRY[method]
+    kwargs = {spec.flags[flag]: value for flag, value in hyperparameters.items()
+              if flag in spec.flags}
+    if weights is not None:
+        if not spec.uses_weights:
+            raise ConfigError(f"--weights applies to linear and task_arithmetic, not {method}")
+        kwargs["weights"] = list(weights)
+    return spec.factory(**kwargs)

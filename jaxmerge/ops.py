@@ -1,0 +1,521 @@
+"""Leaf-level building blocks of merge methods (METHODS.md §1, §2, §5).
+
+Every function here returns a :class:`~jaxmerge.algebra.Merge` piece: a pure,
+jittable ``(x, ctx) -> y`` step. Transforms map stacked task vectors
+``f32[N, *shape]`` to the same shape, reductions map them to ``f32[*shape]``.
+Named methods (``jaxmerge.methods``) are chains of these pieces.
+
+Thresholds are exact order statistics computed by a two-level radix select on
+the float32 bit patterns (|x| ≥ 0 orders like its uint32 bits): O(n), no sort,
+and the same code serves one tensor (inside the jitted leaf function) and the
+whole model (as two streaming statistics passes).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmerge.algebra import LeafContext, Merge, stats_pass
+from jaxmerge.errors import ConfigError
+
+_BINS = 1 << 16
+
+
+def _salt(label: str) -> int:
+    """A stable per-operation salt, so two random pieces in a chain draw independently."""
+    return zlib.crc32(label.encode()) & 0x7FFFFFFF
+
+
+def _expand(values, like):
+    """Reshapes per-expert values [N] to broadcast against [N, *shape]."""
+    return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def _flat(x):
+    """[N, *shape] -> [N, size]."""
+    return x.reshape(x.shape[0], -1)
+
+
+def _check_fraction(name: str, value: float, *, low_open=True, high_closed=True) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value <= 1 if high_closed else value < 1
+    if not (low_ok and high_ok) or math.isnan(value):
+        low = "(0" if low_open else "[0"
+        high = "1]" if high_closed else "1)"
+        raise ConfigError(f"{name} must be in {low}, {high}, got {value}")
+
+
+# ---------------------------------------------------------------------------
+# Exact order statistics by radix select on float32 bits.
+
+
+def _bits(x):
+    return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32)
+
+
+def high_bin_counts(abs_values):
+    """Histogram of the top 16 bits of |x| (first radix level), int32[65536]."""
+    high = (_bits(abs_values) >> 16).astype(jnp.int32).ravel()
+    return jnp.zeros(_BINS, jnp.int32).at[high].add(1)
+
+
+def low_bin_counts(abs_values, high_bin):
+    """Histogram of the low 16 bits of the entries whose top 16 bits equal ``high_bin``."""
+    bits = _bits(abs_values).ravel()
+    inside = ((bits >> 16).astype(jnp.int32) == high_bin).astype(jnp.int32)
+    low = (bits & 0xFFFF).astype(jnp.int32)
+    return jnp.zeros(_BINS, jnp.int32).at[low].add(inside)
+
+
+def select_bin(counts, rank):
+    """The bin holding the ``rank``-th smallest entry (0-indexed) and the rank inside it."""
+    cumulative = jnp.cumsum(counts)
+    index = jnp.minimum(jnp.sum(cumulative <= rank), counts.shape[0] - 1)
+    return index, rank - (cumulative[index] - counts[index])
+
+
+def bits_to_value(high_bin, low_bin):
+    bits = (jnp.asarray(high_bin).astype(jnp.uint32) << 16) | jnp.asarray(low_bin).astype(
+        jnp.uint32
+    )
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def kth_smallest_abs(x, rank):
+    """The ``rank``-th smallest (0-indexed) |x| over all entries of ``x``, exactly."""
+    high, inner_rank = select_bin(high_bin_counts(x), rank)
+    low, _ = select_bin(low_bin_counts(x, high), inner_rank)
+    return bits_to_value(high, low)
+
+
+def ties_rank(size: int, density: float) -> int | None:
+    """0-indexed rank of the TIES threshold, or None when everything is kept.
+
+    With d entries and n = ⌊d·k⌋, the threshold is the (d − n)-th smallest |τ|
+    (1-indexed), as in the official TIES code: entries with |τ| ≥ it survive.
+    """
+    keep = math.floor(size * density)
+    return None if keep >= size else size - keep - 1
+
+
+# ---------------------------------------------------------------------------
+# Transforms: [N, *shape] -> [N, *shape]
+
+
+def weight_experts(weights) -> Merge:
+    """Multiplies expert t's value by ``weights[t]``."""
+    weights_array = np.asarray(weights, np.float32)
+
+    def check(num_experts):
+        if len(weights_array) != num_experts:
+            raise ConfigError(f"got {len(weights_array)} weights for {num_experts} experts")
+
+    def apply(x, ctx):
+        return x * _expand(jnp.asarray(weights_array), x)
+
+    return Merge(apply, check=check)
+
+
+def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
+    """TIES trim: keeps entries with |τ_t| ≥ the density-quantile threshold of |τ_t|.
+
+    Yadav et al. 2023 (TIES-Merging), METHODS.md §2 step 1. The threshold is the
+    (d − ⌊d·k⌋)-th smallest |τ_t| over the scope (d entries), exactly.
+
+    Args:
+      density: fraction k of entries kept, in (0, 1]. Default 0.2.
+      scope: ``per_tensor`` (house default) or ``global`` (the whole model per task,
+        computed by two streaming statistics passes).
+    """
+    _check_fraction("density", density)
+    if scope == "per_tensor":
+
+        def apply(x, ctx):
+            rank = ties_rank(x[0].size, density)
+            if rank is None:
+                return x
+            thresholds = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, rank)
+            return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
+
+        return Merge(apply)
+    if scope != "global":
+        raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
+    return _global_trim(density)
+
+
+def _global_trim(density: float) -> Merge:
+    def high_partial(x, ctx):
+        return jax.vmap(high_bin_counts)(x)
+
+    def high_finalize(total, stats):
+        total = np.asarray(total, np.int64)
+        size = int(total[0].sum())
+        rank = ties_rank(size, density)
+        if rank is None:
+            return {"keep_all": np.bool_(True), "high": np.zeros(len(total), np.int32),
+                    "rank": np.zeros(len(total), np.int64)}
+        cumulative = np.cumsum(total, axis=1)
+        high = np.array([np.searchsorted(c, rank, side="right") for c in cumulative])
+        before = cumulative[np.arange(len(total)), high] - total[np.arange(len(total)), high]
+        return {"keep_all": np.bool_(False), "high": high.astype(np.int32),
+                "rank": (rank - before).astype(np.int64)}
+
+    high_pass = stats_pass(high_partial, high_finalize, "TIES global threshold (1/2)")
+
+    def low_partial(x, ctx):
+        high = jnp.asarray(ctx.stats[high_pass.id]["high"])
+        return jax.vmap(low_bin_counts)(x, high)
+
+    def low_finalize(total, stats):
+        first = stats[high_pass.id]
+        if first["keep_all"]:
+            return np.zeros(len(first["high"]), np.float32)
+        total = np.asarray(total, np.int64)
+        thresholds = []
+        for counts, high, rank in zip(total, first["high"], first["rank"]):
+            low = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
+            bits = np.uint32((int(high) << 16) | low)
+            thresholds.append(bits.view(np.float32))
+        return np.asarray(thresholds, np.float32)
+
+    low_pass = stats_pass(low_partial, low_finalize, "TIES global threshold (2/2)")
+
+    def apply(x, ctx):
+        thresholds = jnp.asarray(ctx.stats[low_pass.id])
+        return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
+
+    return Merge(apply, passes=(high_pass, low_pass))
+
+
+def elect_sign(scope: str = "per_tensor") -> Merge:
+    """TIES elect: keeps the entries whose sign agrees with g = sign(Σ_t τ̂_t).
+
+    METHODS.md §2 step 2. Where g = 0 the majority sign of g over the scope
+    (``per_tensor`` or ``global``) is used; entries that disagree become 0.
+    """
+    if scope not in ("per_tensor", "global"):
+        raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
+
+    def elected(x, majority):
+        g = jnp.sign(jnp.sum(x, axis=0))
+        g = jnp.where(g == 0, majority, g)
+        return jnp.where(jnp.sign(x) == g, x, 0.0)
+
+    if scope == "per_tensor":
+        return Merge(lambda x, ctx: elected(x, jnp.sign(jnp.sum(jnp.sign(jnp.sum(x, axis=0))))))
+
+    def partial(x, ctx):
+        return jnp.sum(jnp.sign(jnp.sum(x, axis=0)).astype(jnp.int32))
+
+    def finalize(total, stats):
+        return np.float32(np.sign(np.asarray(total, np.int64)))
+
+    majority_pass = stats_pass(partial, finalize, "TIES global majority sign")
+    return Merge(
+        lambda x, ctx: elected(x, jnp.asarray(ctx.stats[majority_pass.id])),
+        passes=(majority_pass,),
+    )
+
+
+def keep_masks(keys, probabilities, label: str):
+    """Bernoulli keep-masks ``bool[N, *shape]``, expert t drawn from ``keys[t]``.
+
+    ``probabilities`` is ``f32[N, *shape]``. ``label`` salts the key so different
+    random pieces in one chain draw independently.
+    """
+    salt = _salt(label)
+    return jax.vmap(lambda key, p: jax.random.bernoulli(jax.random.fold_in(key, salt), p))(
+        keys, probabilities)
+
+
+def dare_masks(keys, keep_probability: float, shape):
+    """The DARE keep-masks ``bool[N, *shape]`` for one leaf (see :func:`keep_masks`)."""
+    probabilities = jnp.full((keys.shape[0], *shape), keep_probability, jnp.float32)
+    return keep_masks(keys, probabilities, "dare")
+
+
+def dare(drop_rate: float = 0.8) -> Merge:
+    """DARE drop-and-rescale: τ̃_t = m ⊙ τ_t / (1 − p), m ~ Bernoulli(1 − p).
+
+    Yu et al. 2024, METHODS.md §2. Masks are iid per entry, independent per
+    expert and leaf (keys from ``ctx.keys``). p = 1 gives zeros, never NaN.
+
+    Args:
+      drop_rate: p in [0, 1]. House default 0.8 (density 0.2).
+    """
+    _check_fraction("drop_rate", drop_rate, low_open=False)
+    keep = 1.0 - drop_rate
+
+    def apply(x, ctx):
+        if keep == 0.0:
+            return jnp.zeros_like(x)
+        masks = dare_masks(ctx.keys, keep, x.shape[1:])
+        return jnp.where(masks, x / jnp.float32(keep), 0.0)
+
+    return Merge(apply)
+
+
+def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
+    """Model Breadcrumbs: drops the top γ fraction by |τ| and the smallest, keeping ``density``.
+
+    Davari & Belilovsky 2024, METHODS.md §2. Per tensor per task with n entries:
+    n_top = ⌊γn⌋, n_bot = n − ⌊density·n⌋ − n_top (if negative, n_top absorbs it);
+    entries whose ascending |τ| rank lies in [n_bot, n − n_top) are kept, so
+    n_top = 0 keeps the top (unlike mergekit, which then zeroes the tensor).
+    """
+    _check_fraction("density", density)
+    _check_fraction("gamma", gamma, low_open=False, high_closed=False)
+
+    def apply(x, ctx):
+        size = x[0].size
+        top = math.floor(gamma * size)
+        bottom = size - math.floor(density * size) - top
+        if bottom < 0:
+            top, bottom = top + bottom, 0
+        keep = jnp.ones(x.shape, bool)
+        if bottom > 0:
+            lower = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, bottom)
+            keep &= jnp.abs(x) >= _expand(lower, x)
+        if top > 0:
+            upper = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, size - top)
+            keep &= jnp.abs(x) < _expand(upper, x)
+        return jnp.where(keep, x, 0.0)
+
+    return Merge(apply)
+
+
+def della_keep_probabilities(x, density: float, epsilon: float):
+    """DELLA MagPrune keep probabilities for one task vector, per row.
+
+    Rows are dim 0 (a 1-D tensor is one row, >2-D tensors are flattened to 2-D).
+    Within a row, |τ| ranks are mapped linearly to [density − ε, density + ε];
+    rows of length 1 keep with probability ``density``.
+    """
+    rows = x.reshape(1, -1) if x.ndim < 2 else x.reshape(x.shape[0], -1)
+    length = rows.shape[1]
+    if length == 1:
+        return jnp.full(x.shape, density, jnp.float32)
+    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1, stable=True), axis=1, stable=True)
+    normalized = ranks.astype(jnp.float32) / jnp.float32(length - 1)
+    probabilities = jnp.float32(density - epsilon) + jnp.float32(2 * epsilon) * normalized
+    return probabilities.reshape(x.shape)
+
+
+def della_mask(density: float = 0.2, epsilon: float = 0.15) -> Merge:
+    """DELLA: magnitude-ranked stochastic drop with per-entry rescale 1/p_i.
+
+    Deep et al. 2024, METHODS.md §2. Requires 0 < density − ε and density + ε ≤ 1.
+    """
+    _check_fraction("density", density)
+    if not (0 < density - epsilon and density + epsilon <= 1) or epsilon < 0:
+        raise ConfigError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1, "
+            f"got density={density}, epsilon={epsilon}"
+        )
+
+    def apply(x, ctx):
+        probabilities = jax.vmap(della_keep_probabilities, in_axes=(0, None, None))(
+            x, density, epsilon
+        )
+        masks = keep_masks(ctx.keys, probabilities, "della")
+        return jnp.where(masks, x / probabilities, 0.0)
+
+    return Merge(apply)
+
+
+def active(epsilon: float = 1e-5) -> Merge:
+    """RAM activity mask: entries with |τ| ≤ ε (strict >) become exactly 0 (METHODS.md §5)."""
+    if not epsilon >= 0:
+        raise ConfigError(f"epsilon must be >= 0, got {epsilon}")
+    return Merge(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
+
+
+def ram_plus_lambdas(shared, unique, rate, alpha, xp=jnp):
+    """λ_t = 1 + r·clip(ρ_t, 0, α) with ρ_t = S_t / U_t (RAM+, METHODS.md §5).
+
+    U_t = 0 gives ρ = α when expert t is active anywhere, and ρ = 0 when it is
+    not active at all.
+    """
+    shared = xp.asarray(shared).astype(xp.float32)
+    unique = xp.asarray(unique).astype(xp.float32)
+    safe = xp.where(unique > 0, unique, 1.0)
+    rho = xp.where(unique > 0, shared / safe, xp.where(shared > 0, alpha, 0.0))
+    return (1.0 + rate * xp.clip(rho, 0.0, alpha)).astype(xp.float32)
+
+
+def _shared_unique_counts(x):
+    """Per expert: (# active entries shared with another expert, # unique to it)."""
+    is_active = x != 0
+    count = jnp.sum(is_active, axis=0)
+    shared = jnp.sum(_flat(is_active & (count >= 2)), axis=1)
+    unique = jnp.sum(_flat(is_active & (count == 1)), axis=1)
+    return shared.astype(jnp.int32), unique.astype(jnp.int32)
+
+
+def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -> Merge:
+    """RAM+ rescale: multiplies entries active in exactly one expert by that expert's λ_t.
+
+    Expects zeros at inactive entries (apply :func:`active` first). ρ_t counts
+    over the whole model (``global``, the paper, two-pass) or per tensor
+    (``per_tensor``, mergekit's ``ramplus_tl``).
+    """
+    if not (rate >= 0 and alpha >= 0):
+        raise ConfigError(f"RAM+ needs r >= 0 and alpha >= 0, got r={rate}, alpha={alpha}")
+    if scope not in ("per_tensor", "global"):
+        raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
+
+    def boosted(x, lambdas):
+        unique = (x != 0) & (jnp.sum(x != 0, axis=0) == 1)
+        return jnp.where(unique, x * _expand(lambdas, x), x)
+
+    if scope == "per_tensor":
+        return Merge(lambda x, ctx: boosted(x, ram_plus_lambdas(*_shared_unique_counts(x),
+                                                                rate, alpha)))
+
+    def partial(x, ctx):
+        return jnp.stack(_shared_unique_counts(x), axis=1)
+
+    def finalize(total, stats):
+        total = np.asarray(total, np.int64)
+        return ram_plus_lambdas(total[:, 0], total[:, 1], rate, alpha, xp=np)
+
+    counts_pass = stats_pass(partial, finalize, "RAM+ shared/unique counts")
+    return Merge(lambda x, ctx: boosted(x, jnp.asarray(ctx.stats[counts_pass.id])),
+                 passes=(counts_pass,))
+
+
+# ---------------------------------------------------------------------------
+# Reductions: [N, *shape] -> [*shape]
+
+
+def mean() -> Merge:
+    """Δ = (1/N) Σ_t x_t."""
+    return Merge(lambda x, ctx: jnp.mean(x, axis=0))
+
+
+def sum_experts() -> Merge:
+    """Δ = Σ_t x_t."""
+    return Merge(lambda x, ctx: jnp.sum(x, axis=0))
+
+
+def weighted_mean(weights=None) -> Merge:
+    """Δ = Σ_t w_t x_t / Σ_t w_t (weights default to 1: the model soup)."""
+
+    def apply(x, ctx):
+        w = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(
+            weights, jnp.float32)
+        return jnp.sum(x * _expand(w, x), axis=0) / jnp.sum(w)
+
+    merge = Merge(apply)
+    if weights is not None:
+        if not np.isfinite(np.sum(weights)) or np.sum(weights) == 0:
+            raise ConfigError(f"weights must have a non-zero finite sum, got {list(weights)}")
+        merge = merge._replace(check=weight_experts(weights).check)
+    return merge
+
+
+def disjoint_mean() -> Merge:
+    """Mean over the non-zero entries only: Σ_t x_t / max(#{t: x_t ≠ 0}, 1).
+
+    The TIES disjoint merge after :func:`elect_sign` (METHODS.md §2 step 3), and
+    the RAM average after :func:`active` (§5).
+    """
+
+    def apply(x, ctx):
+        count = jnp.sum(x != 0, axis=0).astype(jnp.float32)
+        return jnp.sum(x, axis=0) / jnp.maximum(count, 1.0)
+
+    return Merge(apply)
+
+
+def _cosine(a, b):
+    """cos(a, b) = ⟨a, b⟩ / (‖a‖‖b‖ + 1e-8) on flattened tensors (METHODS.md §0)."""
+    return jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-8)
+
+
+def model_stock_reduce() -> Merge:
+    """Model Stock (Jang et al. 2024, METHODS.md §1): Δ = τ·mean_t τ_t.
+
+    cosθ = mean pairwise cosine of the task vectors, clipped to [−1, 1];
+    τ = N cosθ / (1 + (N − 1) cosθ) clamped to [0, 1]. With N = 1 there are no
+    pairs; cosθ := 1, so the result is the expert itself.
+    """
+
+    def apply(x, ctx):
+        n = x.shape[0]
+        if n == 1:
+            return x[0]
+        flat = _flat(x)
+        pairs = [(s, t) for s in range(n) for t in range(s + 1, n)]
+        cos = jnp.mean(jnp.stack([_cosine(flat[s], flat[t]) for s, t in pairs]))
+        cos = jnp.clip(cos, -1.0, 1.0)
+        denominator = 1.0 + (n - 1) * cos
+        ratio = jnp.where(denominator > 0, n * cos / jnp.where(denominator > 0, denominator,
+                                                               1.0), 0.0)
+        return jnp.clip(ratio, 0.0, 1.0) * jnp.mean(x, axis=0)
+
+    return Merge(apply)
+
+
+def slerp_reduce(t: float = 0.5) -> Merge:
+    """Spherical interpolation between two models (METHODS.md §1), flattened per leaf.
+
+    One expert: v₀ = base, v₁ = the expert. Two experts: v₀, v₁ = the experts.
+    Vectors with norm ≤ 1e-8 stay unnormalised; |d| > 0.9995 falls back to lerp.
+    """
+    if not 0 <= t <= 1:
+        raise ConfigError(f"slerp t must be in [0, 1], got {t}")
+
+    def normalized(v):
+        norm = jnp.linalg.norm(v)
+        return jnp.where(norm > 1e-8, v / jnp.where(norm > 1e-8, norm, 1.0), v)
+
+    def apply(x, ctx):
+        base = ctx.base
+        v0, v1 = (base, base + x[0]) if x.shape[0] == 1 else (base + x[0], base + x[1])
+        dot = jnp.vdot(normalized(v0.ravel()), normalized(v1.ravel()))
+        lerp = (1 - t) * v0 + t * v1
+        omega = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
+        sin_omega = jnp.sin(omega)
+        safe_sin = jnp.where(jnp.abs(dot) > 0.9995, 1.0, sin_omega)
+        spherical = (jnp.sin((1 - t) * omega) * v0 + jnp.sin(t * omega) * v1) / safe_sin
+        return jnp.where(jnp.abs(dot) > 0.9995, lerp, spherical) - base
+
+    def check(num_experts):
+        if num_experts not in (1, 2):
+            raise ConfigError(
+                f"slerp interpolates exactly 2 models (the base and 1 expert, or 2 experts); "
+                f"got {num_experts} experts"
+            )
+
+    return Merge(apply, check=check)
+
+
+__all__ = [
+    "LeafContext",
+    "active",
+    "boost_unique",
+    "breadcrumbs_mask",
+    "dare",
+    "dare_masks",
+    "della_keep_probabilities",
+    "della_mask",
+    "disjoint_mean",
+    "elect_sign",
+    "keep_masks",
+    "kth_smallest_abs",
+    "mean",
+    "model_stock_reduce",
+    "ram_plus_lambdas",
+    "slerp_reduce",
+    "sum_experts",
+    "ties_rank",
+    "trim",
+    "weight_experts",
+    "weighted_mean",
+]
