@@ -122,11 +122,23 @@ def child_env(jax_cache: pathlib.Path | None = None) -> dict:
 # Inputs
 
 
-def build_inputs(workdir: pathlib.Path) -> tuple[str, list[str]]:
-    """Runs jaxmerge.demo.build_demo in a child (cached there) and returns the paths."""
-    code = ("import json, sys; from jaxmerge.demo import build_demo; "
-            "b, e = build_demo(sys.argv[1], n_experts=3, seed=0); "
-            "print('@@' + json.dumps([str(b), [str(x) for x in e]]))")
+def build_inputs(workdir: pathlib.Path, regime: str = "rl") -> tuple[str, list[str]]:
+    """Builds the demo checkpoints in a child (cached there) and returns the paths.
+
+    ``rl``: ``jaxmerge.demo.build_demo`` (sparse experts, ~2% of entries move).
+    ``sft``: the same base with 3 dense Gaussian experts (``derive_expert(regime="sft")``),
+    which exercises the TIES trim threshold that sparse experts never reach.
+    """
+    if regime == "rl":
+        code = ("import json, sys; from jaxmerge.demo import build_demo; "
+                "b, e = build_demo(sys.argv[1], n_experts=3, seed=0); "
+                "print('@@' + json.dumps([str(b), [str(x) for x in e]]))")
+    else:
+        code = ("import json, sys, pathlib; from jaxmerge.demo import build_demo, derive_expert; "
+                "r = pathlib.Path(sys.argv[1]); b, _ = build_demo(r, n_experts=1, seed=0); "
+                "e = [derive_expert(b, r / f'expert-sft-{i}', i, regime='sft') "
+                "for i in range(3)]; "
+                "print('@@' + json.dumps([str(b), [str(x) for x in e]]))")
     log = workdir / "logs" / "build_demo.log"
     result = measure([sys.executable, "-c", code, str(workdir / "demo")], log,
                      env=child_env(), label="build_demo")
@@ -240,9 +252,11 @@ def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: 
                     trimmed[t] = taus[t]
                     continue
                 thr_j, thr_m = _kth_values(a.reshape(-1), [d - n - 1, d - n])
-                kept = int((a >= thr_j).sum())
-                totals["excess_kept"] += kept - n
-                totals["kept_exact"] += n
+                # Only non-zero kept entries matter: a kept 0 adds nothing and has no sign.
+                kept_jm = int(((a >= thr_j) & (a > 0)).sum())
+                kept_mk = min(n, int((a > 0).sum()))
+                totals["excess_kept"] += kept_jm - kept_mk
+                totals["kept_exact"] += kept_mk
                 boundary |= ((a == thr_j) | (a == thr_m)) & (a > 0)
                 trimmed[t] = np.where(a >= thr_j, taus[t], 0.0)
             total = trimmed.sum(axis=0)
@@ -288,7 +302,7 @@ def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: 
             "differ_at_zero_sign": totals["zero_sign"],
             "differ_rounding_le1ulp": totals["rounding"],
             "differ_unexplained_gt1ulp": totals["unexplained"],
-            "jaxmerge_extra_kept_entries_per_expert_sum": totals["excess_kept"],
+            "jaxmerge_extra_nonzero_kept": totals["excess_kept"],
             "extra_kept_fraction_of_n": (totals["excess_kept"] / totals["kept_exact"]
                                          if totals["kept_exact"] else 0.0),
             "worst_unexplained": {"abs_diff": worst["unexplained"][0],
@@ -371,6 +385,9 @@ def summarize(runs: list) -> dict | None:
         return None
     return {"cold_s": runs[0].seconds if runs[0].ok() else None,
             "median_s": statistics.median(r.seconds for r in good),
+            "cold_cpu_s": runs[0].cpu_seconds if runs[0].ok() else None,
+            "median_cpu_s": statistics.median(r.cpu_seconds for r in good),
+            "max_load_at_start": max(r.load_at_start for r in runs),
             "cold_rss_mb": runs[0].peak_rss_mb if runs[0].ok() else None,
             "peak_rss_mb": max(r.peak_rss_mb for r in good),
             "n_ok": len(good), "n_runs": len(runs)}
@@ -406,8 +423,9 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
             r = measure(cmd, logs / f"{tool}_{i}.log", env=child_env(), label=f"{tool} #{i}")
             runs.append(r)
             state = "ok" if r.ok() else f"FAILED rc={r.returncode}"
-            print(f"  {method:16s} {tool:9s} run {i}: {r.seconds:7.2f} s  "
-                  f"{r.peak_rss_mb:7.0f} MB  {state}", flush=True)
+            print(f"  {method:16s} {tool:9s} run {i}: {r.seconds:7.2f} s wall "
+                  f"{r.cpu_seconds:7.2f} s cpu {r.peak_rss_mb:7.0f} MB  "
+                  f"(load {r.load_at_start:.1f})  {state}", flush=True)
             if not r.ok():
                 print("    " + log_tail(r.log, 15).replace("\n", "\n    "))
     if jax_cache and jm_runs and jm_runs[0].ok():
@@ -422,7 +440,8 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
             kind = "fill" if i == 0 else "warm"
             state = "ok" if r.ok() else f"FAILED rc={r.returncode}"
             print(f"  {method:16s} jaxmerge + JAX persistent cache ({kind}) run {i}: "
-                  f"{r.seconds:7.2f} s  {r.peak_rss_mb:7.0f} MB  {state}", flush=True)
+                  f"{r.seconds:7.2f} s wall {r.cpu_seconds:7.2f} s cpu "
+                  f"{r.peak_rss_mb:7.0f} MB  (load {r.load_at_start:.1f})  {state}", flush=True)
         record["jax_cache_bytes"] = sum(f.stat().st_size for f in cache_dir.rglob("*")
                                         if f.is_file())
     record["runs"] = {"jaxmerge": [r.as_dict() for r in jm_runs],
@@ -437,6 +456,7 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
     record["jaxmerge_jax_cache"] = ({
         "fill_s": cache_runs[0].seconds if cache_runs[0].ok() else None,
         "warm_median_s": statistics.median(r.seconds for r in warm),
+        "warm_median_cpu_s": statistics.median(r.cpu_seconds for r in warm),
         "warm_peak_rss_mb": max(r.peak_rss_mb for r in warm),
     } if warm else None)
     if record["jaxmerge"] and record["mergekit"]:
@@ -459,7 +479,8 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
           "RAM; {platform}; python {python}".format(**facts))
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     header = ["method", "jm cold s", "jm med s", "jm+jaxcache warm s", "mk cold s", "mk med s",
-              "mk/jm med", "mk/jm cold", "jm RSS MB", "mk RSS MB", "RSS mk/jm", "comparison"]
+              "mk/jm med", "mk/jm cold", "jm CPU s", "mk CPU s", "jm RSS MB", "mk RSS MB",
+              "RSS mk/jm", "comparison"]
     rows = []
     for rec in records:
         jm, mk, jc = rec.get("jaxmerge"), rec.get("mergekit"), rec.get("jaxmerge_jax_cache")
@@ -471,6 +492,7 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
         rows.append([rec["method"], fmt(jm and jm["cold_s"]), fmt(jm and jm["median_s"]),
                      fmt(jc and jc["warm_median_s"]), fmt(mk and mk["cold_s"]),
                      fmt(mk and mk["median_s"]), fmt(speed_med), fmt(speed_cold),
+                     fmt(jm and jm["median_cpu_s"], ".1f"), fmt(mk and mk["median_cpu_s"], ".1f"),
                      fmt(jm and jm["peak_rss_mb"], ".0f"), fmt(mk and mk["peak_rss_mb"], ".0f"),
                      fmt(rss), verdict(rec["method"], cmp) if cmp else "not compared"])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -479,8 +501,15 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     print("jm = jaxmerge, mk = mergekit; cold = first run (fresh process, XLA compiles every "
-          "shape); med = median of all runs; ratios > 1 favour jaxmerge. RSS = max child "
-          "ru_maxrss over runs.")
+          "shape); med = median of all runs (wall); CPU s = median user+sys of the child; "
+          "ratios > 1 favour jaxmerge. RSS = max child ru_maxrss over runs.")
+    loads = [r[k]["max_load_at_start"] for r in records for k in ("jaxmerge", "mergekit")
+             if r.get(k)]
+    cores = facts["usable_cores"] or 1
+    if loads and max(loads) > 0.5 * cores:
+        print(f"WARNING: the machine was busy (1-min load average up to {max(loads):.1f} on "
+              f"{cores} cores at the start of a timed run): wall times are noisy; compare the "
+              "CPU seconds too.")
     print("jm+jaxcache = jaxmerge with JAX's own persistent compilation cache "
           "(JAX_COMPILATION_CACHE_DIR, not a jaxmerge flag), median of the runs after the "
           "one that filled it.")
@@ -511,8 +540,8 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
                   f"{a['differ_at_zero_sign']}, rounding ≤1 ulp {a['differ_rounding_le1ulp']}, "
                   f"UNEXPLAINED >1 ulp {a['differ_unexplained_gt1ulp']} (worst "
                   f"{a['worst_unexplained']}); jaxmerge kept "
-                  f"{a['jaxmerge_extra_kept_entries_per_expert_sum']} "
-                  f"entries more than n=⌊d·k⌋ ({100 * a['extra_kept_fraction_of_n']:.3f}% of n)")
+                  f"{a['jaxmerge_extra_nonzero_kept']} non-zero τ entries more than mergekit's "
+                  f"min(n, nnz) ({100 * a['extra_kept_fraction_of_n']:.3f}%)")
         for w in cmp["worst_tensors"][:3]:
             print(f"    worst: {w['name']} {w['shape']} max|diff| {w['max_abs_diff']:.3g} "
                   f"(/max|τ| {w['max_diff_rel_tau']:.3g}, {w['max_ulps']} ulp), "
@@ -538,6 +567,9 @@ def main() -> int:
                         help="also time jaxmerge with JAX's persistent compilation cache")
     parser.add_argument("--load-check", action=argparse.BooleanOptionalAction, default=True,
                         help="load the outputs in transformers")
+    parser.add_argument("--regime", choices=["rl", "sft"], default="rl",
+                        help="demo experts: rl = build_demo's sparse experts (default); sft = "
+                             "dense Gaussian experts (exercises the TIES trim threshold)")
     parser.add_argument("--base", help="base model dir (default: build the demo)")
     parser.add_argument("--experts", help="comma-separated expert dirs (with --base)")
     args = parser.parse_args()
@@ -558,7 +590,7 @@ def main() -> int:
         if not experts:
             parser.error("--base needs --experts")
     else:
-        base, experts = build_inputs(workdir)
+        base, experts = build_inputs(workdir, args.regime)
     primed = prime_page_cache([base, *experts])
     print(f"page cache primed: {primed / 1e6:.0f} MB of inputs")
     warm_imports(workdir)
@@ -575,6 +607,7 @@ def main() -> int:
     if args.load_check and pairs:
         load = transformers_check(pairs, workdir)
     result = {"machine": facts, "repeats": args.repeats, "base": base, "experts": experts,
+              "regime": None if args.base else args.regime,
               "settings": {"density": DENSITY, "drop_rate": DROP_RATE, "seed": SEED,
                            "compute_dtype": "float32", "out_dtype": "bfloat16"},
               "records": records, "transformers_check": load}

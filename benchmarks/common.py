@@ -26,9 +26,11 @@ class Measured:
     label: str
     command: list[str]
     seconds: float
+    cpu_seconds: float
     peak_rss_mb: float
     returncode: int
     log: str
+    load_at_start: float
 
     def ok(self) -> bool:
         return self.returncode == 0
@@ -42,9 +44,12 @@ def measure(command: list[str], log_path: pathlib.Path, env: dict | None = None,
     """Runs ``command``; wall time and the child's peak RSS (``os.wait4``'s ru_maxrss).
 
     On Linux ru_maxrss is in KiB; it covers the child process only (both tools run
-    their work in a single process). stdout and stderr go to ``log_path``.
+    their work in a single process). cpu_seconds = the child's user + system time, less
+    sensitive than wall time to other load on the machine; load_at_start = the 1-minute
+    load average when the child started. stdout and stderr go to ``log_path``.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
     with open(log_path, "wb") as log:
         log.write(("$ " + " ".join(command) + "\n").encode())
         log.flush()
@@ -54,8 +59,9 @@ def measure(command: list[str], log_path: pathlib.Path, env: dict | None = None,
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     return Measured(label=label, command=command, seconds=seconds,
+                    cpu_seconds=usage.ru_utime + usage.ru_stime,
                     peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
-                    returncode=child.returncode, log=str(log_path))
+                    returncode=child.returncode, log=str(log_path), load_at_start=load)
 
 
 def log_tail(path: str | pathlib.Path, lines: int = 25) -> str:

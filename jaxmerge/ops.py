@@ -93,6 +93,21 @@ def kth_smallest_abs(x, rank):
     return bits_to_value(high, low)
 
 
+def rank_at_least(x, rank: int):
+    """Mask of the entries whose ascending |x| rank is ≥ ``rank`` (0-indexed).
+
+    Ranks are those of a stable sort: equal magnitudes are ordered by flat index,
+    which matters on bf16 checkpoints where many |τ| are equal. O(n), no sort.
+    """
+    magnitude = jnp.abs(x).ravel()
+    pivot = kth_smallest_abs(magnitude, rank)
+    below = jnp.sum(magnitude < pivot)
+    equal = magnitude == pivot
+    position_among_equal = jnp.cumsum(equal)
+    keep = (magnitude > pivot) | (equal & (position_among_equal > rank - below))
+    return keep.reshape(x.shape)
+
+
 def ties_rank(size: int, density: float) -> int | None:
     """0-indexed rank of the TIES threshold, or None when everything is kept.
 
@@ -266,7 +281,8 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
     Davari & Belilovsky 2024, METHODS.md §2. Per tensor per task with n entries:
     n_top = ⌊γn⌋, n_bot = n − ⌊density·n⌋ − n_top (if negative, n_top absorbs it);
     entries whose ascending |τ| rank lies in [n_bot, n − n_top) are kept, so
-    n_top = 0 keeps the top (unlike mergekit, which then zeroes the tensor).
+    n_top = 0 keeps the top (unlike mergekit, which then zeroes the tensor). Equal
+    magnitudes are ranked by flat index, as a stable sort would.
     """
     _check_fraction("density", density)
     _check_fraction("gamma", gamma, low_open=False, high_closed=False)
@@ -279,11 +295,9 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
             top, bottom = top + bottom, 0
         keep = jnp.ones(x.shape, bool)
         if bottom > 0:
-            lower = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, bottom)
-            keep &= jnp.abs(x) >= _expand(lower, x)
+            keep &= jax.vmap(rank_at_least, in_axes=(0, None))(x, bottom)
         if top > 0:
-            upper = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, size - top)
-            keep &= jnp.abs(x) < _expand(upper, x)
+            keep &= ~jax.vmap(rank_at_least, in_axes=(0, None))(x, size - top)
         return jnp.where(keep, x, 0.0)
 
     return Merge(apply)
