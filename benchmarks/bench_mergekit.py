@@ -183,6 +183,100 @@ def _kth_values(flat_abs: np.ndarray, ranks: list[int]) -> list[float]:
     return [float(part[r]) for r in ranks]
 
 
+def _bf16_ordered(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 (round to nearest even, as both tools' casts) -> ordered bits."""
+    import torch
+
+    return ordered_bits(torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16))
+
+
+def _ties_reference(taus: np.ndarray, b: np.ndarray, thresholds: list[float],
+                    zero_rule: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TIES with keep |τ_t| ≥ thresholds[t], sign election, disjoint mean; float32.
+
+    zero_rule: where Σ_t τ̂_t = 0, "majority" elects the per-tensor majority sign of
+    sign(Σ τ̂) (jaxmerge, METHODS.md §2) and "plus" elects + (mergekit's ``>= 0``).
+    Returns (merged weights before the bf16 cast, trimmed τ̂, zero-sum mask).
+    """
+    trimmed = np.stack([np.where(np.abs(t) >= thr, t, np.float32(0)) for t, thr
+                        in zip(taus, thresholds)])
+    total = trimmed.sum(axis=0)
+    g = np.sign(total)
+    if zero_rule == "majority":
+        majority = np.sign(np.sign(total).sum())
+    else:
+        majority = np.float32(1)
+    g = np.where(g == 0, majority, g)
+    elected = np.where(np.sign(trimmed) == g, trimmed, np.float32(0))
+    count = (elected != 0).sum(axis=0).astype(np.float32)
+    delta = elected.sum(axis=0) / np.maximum(count, np.float32(1))
+    zero_sum = (total == 0) & (trimmed != 0).any(axis=0)
+    return (b + delta).astype(np.float32), trimmed, zero_sum
+
+
+def ties_block(taus, b, j32, jo, mo, diff, differ, gt1, name, row, totals, worst) -> None:
+    """Checks each TIES output against its own rule and attributes their differences.
+
+    jaxmerge rule: keep |τ| ≥ the (n+1)-th largest |τ| (n = ⌊d·k⌋; ties at that value all
+    kept); Σ τ̂ = 0 → per-tensor majority sign. mergekit rule: keep exactly n entries
+    (argsort, arbitrary among equal |τ|; modelled as |τ| ≥ the n-th largest, exact when
+    that value is not tied); Σ τ̂ = 0 → +. Differences between the two outputs are then
+    "threshold" (some expert's |τ| equals one of the two boundary values), "zero_sign",
+    "rounding" (≤ 1 bf16 ulp) or "unexplained".
+    """
+    d = taus[0].size
+    n = max(1, int(DENSITY * d))
+    boundary = np.zeros(j32.shape, bool)
+    thr_jm, thr_mk = [], []
+    for t in range(len(taus)):
+        a = np.abs(taus[t])
+        if n >= d:
+            thr_jm.append(0.0)
+            thr_mk.append(0.0)
+            continue
+        thr_j, thr_m = _kth_values(a.reshape(-1), [d - n - 1, d - n])
+        thr_jm.append(thr_j)
+        thr_mk.append(thr_m)
+        # Only non-zero kept entries matter: a kept 0 adds nothing and has no sign.
+        kept_jm = int(((a >= thr_j) & (a > 0)).sum())
+        kept_mk = min(n, int((a > 0).sum()))
+        totals["excess_kept"] += kept_jm - kept_mk
+        totals["kept_exact"] += kept_mk
+        boundary |= ((a == thr_j) | (a == thr_m)) & (a > 0)
+    ref_jm, _, zero_jm = _ties_reference(taus, b, thr_jm, "majority")
+    ref_mk, _, zero_mk = _ties_reference(taus, b, thr_mk, "plus")
+    # jaxmerge against its own documented rule: must agree to ≤ 1 bf16 ulp everywhere.
+    if jo is not None:
+        off_jm = np.abs(_bf16_ordered(ref_jm) - jo) > 1
+        off_mk = (np.abs(_bf16_ordered(ref_mk) - mo) > 1) & ~boundary
+    else:
+        off_jm = np.abs(ref_jm - j32) > 0
+        off_mk = np.zeros(j32.shape, bool)
+    n_off_jm = int(off_jm.sum())
+    totals["jm_vs_own_rule_gt1ulp"] += n_off_jm
+    totals["mk_vs_modelled_rule_gt1ulp"] += int(off_mk.sum())
+    if n_off_jm:
+        worst_off = float(np.abs(ref_jm - j32)[off_jm].max())
+        if worst_off > worst["jm_off_rule"][0]:
+            worst["jm_off_rule"] = (worst_off, name, n_off_jm)
+    zero_sign = zero_jm | zero_mk
+    only = differ & ~boundary
+    unexplained = only & gt1 & ~zero_sign
+    n_unexplained = int(unexplained.sum())
+    counts = {"threshold": int((differ & boundary).sum()),
+              "zero_sign": int((only & zero_sign).sum()),
+              "rounding": int((only & ~gt1 & ~zero_sign).sum()),
+              "unexplained": n_unexplained}
+    for key, value in counts.items():
+        totals[key] += value
+    row.update(counts, jm_vs_own_rule_gt1ulp=n_off_jm)
+    if n_unexplained:
+        worst_u = float(diff[unexplained].max())
+        if worst_u > worst["unexplained"][0]:
+            worst["unexplained"] = (worst_u, name, n_unexplained)
+
+
+
 def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: pathlib.Path,
                     mk_dir: pathlib.Path) -> dict:
     """Tensor-by-tensor comparison of the jaxmerge and mergekit outputs (see module doc)."""
@@ -193,8 +287,10 @@ def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: 
     common = sorted(jm_names & mk_names)
     totals = dict(entries=0, differ=0, differ_gt1ulp=0, jm_changed=0, mk_changed=0,
                   jm_sq=0.0, mk_sq=0.0, threshold=0, zero_sign=0, rounding=0, unexplained=0,
-                  excess_kept=0, kept_exact=0)
-    worst = {"ulps": (0, None), "rel": (0.0, None), "unexplained": (0.0, None, 0)}
+                  excess_kept=0, kept_exact=0, jm_vs_own_rule_gt1ulp=0,
+                  mk_vs_modelled_rule_gt1ulp=0)
+    worst = {"ulps": (0, None), "rel": (0.0, None), "unexplained": (0.0, None, 0),
+             "jm_off_rule": (0.0, None, 0)}
     ratios, dtypes, rows = [], set(), []
     for name in common:
         jm_t, mk_t = jm.torch(name), mk.torch(name)
@@ -235,46 +331,8 @@ def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: 
                "tau_scale": tau_scale, "max_diff_rel_tau": rel,
                "frac_differ": n_differ / max(diff.size, 1), "max_ulps": max_ulps}
 
-        if method == "ties" and n_differ:
-            # Where can the two TIES implementations legitimately disagree?
-            #  threshold: mergekit keeps exactly n = ⌊d·k⌋ entries per task vector (argsort,
-            #    arbitrary among equal |τ|); jaxmerge keeps |τ| ≥ the (n+1)-th largest, i.e.
-            #    n + 1 entries or more when |τ| values tie (bf16 inputs tie a lot).
-            #  zero_sign: Σ_t τ̂_t = 0 exactly; mergekit elects +, jaxmerge the per-tensor
-            #    majority sign.
-            d = taus[0].size
-            n = max(1, int(DENSITY * d))
-            boundary = np.zeros(j32.shape, bool)
-            trimmed = np.empty_like(taus)
-            for t in range(len(taus)):
-                a = np.abs(taus[t])
-                if n >= d:
-                    trimmed[t] = taus[t]
-                    continue
-                thr_j, thr_m = _kth_values(a.reshape(-1), [d - n - 1, d - n])
-                # Only non-zero kept entries matter: a kept 0 adds nothing and has no sign.
-                kept_jm = int(((a >= thr_j) & (a > 0)).sum())
-                kept_mk = min(n, int((a > 0).sum()))
-                totals["excess_kept"] += kept_jm - kept_mk
-                totals["kept_exact"] += kept_mk
-                boundary |= ((a == thr_j) | (a == thr_m)) & (a > 0)
-                trimmed[t] = np.where(a >= thr_j, taus[t], 0.0)
-            total = trimmed.sum(axis=0)
-            zero_sign = (total == 0) & (trimmed != 0).any(axis=0)
-            only = differ & ~boundary
-            small = only & ~gt1 & ~zero_sign
-            unexplained = only & gt1 & ~zero_sign
-            totals["threshold"] += int((differ & boundary).sum())
-            totals["zero_sign"] += int((only & zero_sign).sum())
-            totals["rounding"] += int(small.sum())
-            n_unexplained = int(unexplained.sum())
-            totals["unexplained"] += n_unexplained
-            row.update(threshold=int((differ & boundary).sum()),
-                       zero_sign=int((only & zero_sign).sum()), unexplained=n_unexplained)
-            if n_unexplained:
-                worst_u = float(diff[unexplained].max())
-                if worst_u > worst["unexplained"][0]:
-                    worst["unexplained"] = (worst_u, name, n_unexplained)
+        if method == "ties":
+            ties_block(taus, b, j32, jo, mo, diff, differ, gt1, name, row, totals, worst)
         rows.append(row)
 
     entries = max(totals["entries"], 1)
@@ -308,6 +366,11 @@ def compare_outputs(method: str, base_dir: str, expert_dirs: list[str], jm_dir: 
             "worst_unexplained": {"abs_diff": worst["unexplained"][0],
                                   "tensor": worst["unexplained"][1],
                                   "entries": worst["unexplained"][2]},
+            "jaxmerge_vs_own_rule_gt1ulp": totals["jm_vs_own_rule_gt1ulp"],
+            "jaxmerge_vs_own_rule_worst": {"abs_diff": worst["jm_off_rule"][0],
+                                           "tensor": worst["jm_off_rule"][1],
+                                           "entries": worst["jm_off_rule"][2]},
+            "mergekit_vs_modelled_rule_gt1ulp_off_boundary": totals["mk_vs_modelled_rule_gt1ulp"],
         }
     worst_rows = sorted((r for r in rows if "error" not in r),
                         key=lambda r: -r["max_diff_rel_tau"])[:5]
@@ -326,7 +389,7 @@ def verdict(method: str, cmp: dict) -> str:
                 f"{100 * cmp['frac_differ']:.3f}% differ")
     if method == "ties":
         att = cmp["ties_attribution"]
-        ok = att["differ_unexplained_gt1ulp"] == 0
+        ok = att["differ_unexplained_gt1ulp"] == 0 and att["jaxmerge_vs_own_rule_gt1ulp"] == 0
         return (f"{'OK' if ok else 'FLAG'} {100 * cmp['frac_differ']:.3f}% differ "
                 f"({att['differ_at_trim_threshold_ties']} thr, {att['differ_at_zero_sign']} "
                 f"0-sign, {att['differ_unexplained_gt1ulp']} unexpl.), "
@@ -542,6 +605,10 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
                   f"{a['worst_unexplained']}); jaxmerge kept "
                   f"{a['jaxmerge_extra_nonzero_kept']} non-zero τ entries more than mergekit's "
                   f"min(n, nnz) ({100 * a['extra_kept_fraction_of_n']:.3f}%)")
+            print(f"  ties: jaxmerge vs a numpy reference of its own rule: "
+                  f"{a['jaxmerge_vs_own_rule_gt1ulp']} entries off by > 1 ulp (worst "
+                  f"{a['jaxmerge_vs_own_rule_worst']}); mergekit vs the modelled mergekit rule "
+                  f"(off the trim boundary): {a['mergekit_vs_modelled_rule_gt1ulp_off_boundary']}")
         for w in cmp["worst_tensors"][:3]:
             print(f"    worst: {w['name']} {w['shape']} max|diff| {w['max_abs_diff']:.3g} "
                   f"(/max|τ| {w['max_diff_rel_tau']:.3g}, {w['max_ulps']} ulp), "

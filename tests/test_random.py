@@ -1,0 +1,95 @@
+"""Statistical tests of the random methods (DARE, DELLA) and their key derivation.
+
+The masks cannot match another library's RNG bit for bit, so these check the
+distribution: keep rate, unbiasedness of the rescale, independence across
+experts and leaves, and that a leaf's mask depends only on (seed, name, expert).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmerge
+from jaxmerge import ops
+from jaxmerge.algebra import LeafContext
+from jaxmerge.executor import leaf_keys
+from jaxmerge.leaves import LeafInfo
+
+
+def context(taus, name="model.layers.0.mlp.up_proj.weight", seed=0):
+    keys = leaf_keys(jax.random.key(seed), name, taus.shape[0])
+    info = LeafInfo.from_name(name, taus.shape[1:])
+    return LeafContext(taus, jnp.zeros(taus.shape[1:]), keys, {}, {}, info)
+
+
+def test_dare_keep_rate_and_unbiased_rescale():
+    p = 0.8
+    draws = 400  # 400 "experts" holding the same τ: 400 independent masks in one call
+    tau = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    taus = jnp.broadcast_to(tau, (draws, *tau.shape))
+    sparse = np.asarray(jax.jit(lambda t: ops.dare(p).apply(t, context(t)))(taus))
+    kept = sparse != 0
+    n = kept.size
+    # Keep rate 1 − p within 5 standard deviations.
+    assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+    # Survivors are rescaled by exactly 1 / (1 − p).
+    np.testing.assert_allclose(sparse[kept], np.broadcast_to(tau, sparse.shape)[kept] / (1 - p),
+                               rtol=1e-6)
+    # Unbiased: the mean over draws approaches τ (per-entry std of the mean ≈ |τ|·2/√400).
+    mean = sparse.mean(axis=0)
+    z = (mean - tau) / (np.abs(tau) * np.sqrt(p / (1 - p) / draws) + 1e-12)
+    assert np.abs(z).max() < 5.5
+    assert abs(z.mean()) < 5 / np.sqrt(z.size)
+
+
+def test_dare_masks_independent_across_experts_and_leaves():
+    shape = (128, 64)
+    a = np.asarray(jax.jit(lambda k: ops.dare_masks(k, 0.5, shape))(
+        leaf_keys(jax.random.key(0), "model.layers.0.mlp.up_proj.weight", 2)))
+    b = np.asarray(jax.jit(lambda k: ops.dare_masks(k, 0.5, shape))(
+        leaf_keys(jax.random.key(0), "model.layers.1.mlp.up_proj.weight", 2)))
+    for x, y in [(a[0], a[1]), (a[0], b[0])]:
+        agreement = np.mean(x == y)  # 0.5 for independent fair coins
+        assert abs(agreement - 0.5) < 5 * 0.5 / np.sqrt(x.size)
+
+
+def test_dare_extremes():
+    taus = jnp.asarray(np.random.default_rng(1).normal(size=(2, 10, 10)), jnp.float32)
+    zero = ops.dare(1.0).apply(taus, context(taus))
+    assert np.all(np.asarray(zero) == 0) and np.all(np.isfinite(np.asarray(zero)))
+    keep_all = ops.dare(0.0).apply(taus, context(taus))
+    np.testing.assert_array_equal(np.asarray(keep_all), np.asarray(taus))
+
+
+def test_della_keep_rate_follows_rank_and_is_unbiased():
+    density, epsilon, draws = 0.4, 0.15, 300
+    row = np.linspace(0.01, 1.0, 50, dtype=np.float32)[np.random.default_rng(2).permutation(50)]
+    tau = np.tile(row, (8, 1))
+    taus = jnp.broadcast_to(tau, (draws, *tau.shape))
+    sparse = np.asarray(jax.jit(lambda t: ops.della_mask(density, epsilon).apply(t, context(t)))(
+        taus))
+    ranks = np.argsort(np.argsort(row))
+    expected_p = density - epsilon + 2 * epsilon * ranks / (row.size - 1)
+    observed_p = (sparse != 0).mean(axis=(0, 1))
+    tolerance = 5 * np.sqrt(expected_p * (1 - expected_p) / (draws * 8))
+    assert np.all(np.abs(observed_p - expected_p) < tolerance)
+    mean = sparse.mean(axis=(0, 1))
+    np.testing.assert_allclose(mean, row, rtol=0.15)
+
+
+def test_masks_do_not_depend_on_leaf_order_or_batching():
+    rng = np.random.default_rng(3)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)]
+    base = {n: rng.normal(size=(16, 8)).astype(np.float32) for n in names}
+    experts = [{n: v + rng.normal(size=v.shape).astype(np.float32) for n, v in base.items()}
+               for _ in range(2)]
+    method = jaxmerge.dare_ties(0.7)
+    whole = jaxmerge.merge(method, base, experts, key=11)
+    one_by_one = jaxmerge.merge(method, base, experts, key=11, chunk_bytes=1)
+    reordered = jaxmerge.merge(method, dict(reversed(base.items())),
+                               [dict(reversed(e.items())) for e in experts], key=11)
+    for n in names:
+        np.testing.assert_array_equal(np.asarray(whole[n]), np.asarray(one_by_one[n]))
+        np.testing.assert_array_equal(np.asarray(whole[n]), np.asarray(reordered[n]))
+    other_seed = jaxmerge.merge(method, base, experts, key=12)
+    assert not np.array_equal(np.asarray(whole[names[0]]), np.asarray(other_seed[names[0]]))
