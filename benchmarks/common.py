@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import pathlib
 import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -39,6 +39,26 @@ class Measured:
         return dataclasses.asdict(self)
 
 
+# Linux charges the peak RSS of the *spawning* process's address space to a child's
+# ru_maxrss when the child execs (the old mm's high-water mark goes into signal->maxrss,
+# and Python's subprocess uses vfork), so a child of a big parent reports at least the
+# parent's peak. Measured commands are therefore started by this tiny launcher (python -S,
+# ~10 MB): it does Popen + os.wait4 on the real command and reports the numbers as JSON.
+_LAUNCHER = r"""
+import json, os, subprocess, sys, time
+command, log_path, result_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+with open(log_path, "ab") as log:
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+child.returncode = os.waitstatus_to_exitcode(status)
+with open(result_path, "w") as out:
+    json.dump({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+               "maxrss_kib": usage.ru_maxrss, "returncode": child.returncode}, out)
+"""
+
+
 def measure(command: list[str], log_path: pathlib.Path, env: dict | None = None,
             label: str = "", cwd: str | None = None) -> Measured:
     """Runs ``command``; wall time and the child's peak RSS (``os.wait4``'s ru_maxrss).
@@ -46,22 +66,28 @@ def measure(command: list[str], log_path: pathlib.Path, env: dict | None = None,
     On Linux ru_maxrss is in KiB; it covers the child process only (both tools run
     their work in a single process). cpu_seconds = the child's user + system time, less
     sensitive than wall time to other load on the machine; load_at_start = the 1-minute
-    load average when the child started. stdout and stderr go to ``log_path``.
+    load average when the child started. stdout and stderr go to ``log_path``. The
+    command is started from a small launcher process (see ``_LAUNCHER``) so that this
+    process's own memory never leaks into the child's ru_maxrss.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = log_path.with_suffix(".rusage.json")
+    result_path.unlink(missing_ok=True)
+    log_path.write_bytes(("$ " + " ".join(command) + "\n").encode())
     load = os.getloadavg()[0]
-    with open(log_path, "wb") as log:
-        log.write(("$ " + " ".join(command) + "\n").encode())
-        log.flush()
-        start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
-    return Measured(label=label, command=command, seconds=seconds,
-                    cpu_seconds=usage.ru_utime + usage.ru_stime,
-                    peak_rss_mb=usage.ru_maxrss * 1024 / 1e6,
-                    returncode=child.returncode, log=str(log_path), load_at_start=load)
+    launcher = subprocess.run(
+        [sys.executable, "-S", "-c", _LAUNCHER, json.dumps(command), str(log_path),
+         str(result_path)], env=env, cwd=cwd, check=False)
+    if launcher.returncode != 0 or not result_path.exists():
+        return Measured(label=label, command=command, seconds=math.nan,
+                        cpu_seconds=math.nan, peak_rss_mb=math.nan,
+                        returncode=launcher.returncode or -1, log=str(log_path),
+                        load_at_start=load)
+    usage = json.loads(result_path.read_text())
+    return Measured(label=label, command=command, seconds=usage["seconds"],
+                    cpu_seconds=usage["cpu_seconds"],
+                    peak_rss_mb=usage["maxrss_kib"] * 1024 / 1e6,
+                    returncode=usage["returncode"], log=str(log_path), load_at_start=load)
 
 
 def log_tail(path: str | pathlib.Path, lines: int = 25) -> str:

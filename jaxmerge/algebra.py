@@ -113,6 +113,21 @@ def _any_n(num_experts: int) -> None:
     del num_experts
 
 
+def _never(info: LeafInfo) -> bool:
+    del info
+    return False
+
+
+def _always(info: LeafInfo) -> bool:
+    del info
+    return True
+
+
+def elementwise(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
+    """A piece whose output entry i depends only on entry i of its input (row-splittable)."""
+    return Merge(apply, elementwise=_always, **kwargs)
+
+
 class Merge(NamedTuple):
     """A merge method, or a piece of one.
 
@@ -124,6 +139,9 @@ class Merge(NamedTuple):
         signatures never share a compiled call (used by :func:`route`).
       check: ``check(num_experts)`` raises ConfigError when the merge cannot take
         that many experts (e.g. slerp needs 1 or 2).
+      elementwise: ``elementwise(info)`` is True when each output entry depends only
+        on the same entry of the inputs (and on finished statistics). The executor
+        may then merge a leaf larger than its memory budget in row blocks.
     """
 
     apply: Callable[[Array, LeafContext], Array]
@@ -131,6 +149,7 @@ class Merge(NamedTuple):
     extra_inputs: tuple[str, ...] = ()
     choose: Callable[[LeafInfo], Hashable] = _no_choice
     check: Callable[[int], None] = _any_n
+    elementwise: Callable[[LeafInfo], bool] = _never
 
 
 def leaf_fn(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
@@ -177,6 +196,7 @@ def chain(*pieces: Merge) -> Merge:
         extra_inputs=_unique(name for piece in pieces for name in piece.extra_inputs),
         choose=lambda info: tuple(piece.choose(info) for piece in pieces),
         check=_merge_checks(pieces),
+        elementwise=lambda info: all(piece.elementwise(info) for piece in pieces),
     )
 
 
@@ -275,6 +295,7 @@ def route(branches: Mapping[Predicate, Merge], default: Merge) -> Merge:
         extra_inputs=_unique(n for _, merge in options for n in merge.extra_inputs),
         choose=lambda info: (pick(info), options[pick(info)][1].choose(info)),
         check=_merge_checks([merge for _, merge in options]),
+        elementwise=lambda info: options[pick(info)][1].elementwise(info),
     )
 
 
@@ -294,12 +315,13 @@ def add(*merges: Merge) -> Merge:
         extra_inputs=_unique(n for merge in merges for n in merge.extra_inputs),
         choose=lambda info: tuple(merge.choose(info) for merge in merges),
         check=_merge_checks(merges),
+        elementwise=lambda info: all(merge.elementwise(info) for merge in merges),
     )
 
 
 def scale(factor: float) -> Merge:
     """Multiplies the value by ``factor`` (the λ of task arithmetic and TIES)."""
-    return Merge(lambda x, ctx: x * jnp.float32(factor))
+    return elementwise(lambda x, ctx: x * jnp.float32(factor))
 
 
 def requires_experts(merge: Merge, allowed: Callable[[int], bool], message: str) -> Merge:

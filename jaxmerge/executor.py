@@ -184,17 +184,35 @@ class Executor:
         return count * inputs * (itemsize + 4 * _WORK_FACTOR)
 
     def _chunks(self, applies=None) -> list[_Chunk]:
+        """Chunks of same-shape leaves within the budget; oversized leaves of
+        elementwise merges become row blocks first."""
         chunks = []
         for leaves in self.plan.groups.values():
             if applies is not None:
                 leaves = [leaf for leaf in leaves if applies(leaf.info)]
             if not leaves:
                 continue
-            size = max(1, min(len(leaves), self.chunk_bytes // max(1, self._leaf_bytes(
-                leaves[0]))))
-            for start in range(0, len(leaves), size):
-                chunks.append(_Chunk(leaves[start:start + size], size))
+            for group in self._split_oversized(leaves):
+                size = max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(
+                    group[0]))))
+                for start in range(0, len(group), size):
+                    chunks.append(_Chunk(group[start:start + size], size))
         return chunks
+
+    def _split_oversized(self, leaves: list[LeafPlan]) -> list[list[LeafPlan]]:
+        """[leaves], or, for leaves over the budget that can be merged by rows, groups of
+        equally shaped row blocks (the last block of each leaf may be shorter)."""
+        first = leaves[0]
+        leaf_bytes = self._leaf_bytes(first)
+        rows = first.info.shape[0] if first.info.shape else 1
+        if leaf_bytes <= self.chunk_bytes or rows < 2 or not self.merge.elementwise(first.info):
+            return [leaves]
+        rows_per_block = max(1, self.chunk_bytes // (leaf_bytes // rows))
+        by_shape: dict[tuple, list[LeafPlan]] = {}
+        for leaf in leaves:
+            for block in leaf.row_blocks(rows_per_block):
+                by_shape.setdefault(block.info.shape, []).append(block)
+        return list(by_shape.values())
 
     # -- reading -----------------------------------------------------------
 
@@ -213,7 +231,7 @@ class Executor:
             for name, sources in self.extras.items()
         }
         for i, leaf in enumerate(chunk.leaves):
-            rows = None if leaf.rows is None else (0, leaf.rows)
+            rows = leaf.read_rows
             self.base.read(leaf.name, base[i], rows)
             for t, expert in enumerate(self.experts):
                 expert.read(leaf.name, experts[i, t], rows)
@@ -318,18 +336,18 @@ class Executor:
             for leaf in self.plan.leaves:
                 if leaf.copy:
                     self._copy_from_base(write, leaf)
+                elif leaf.merged and leaf.tail is not None:
+                    for name in [leaf.name, *aliases.get(leaf.name, [])]:
+                        self._write_tail(write, name, leaf)
         self.report.seconds = time.perf_counter() - start
         return self.report
 
     def _write_chunk(self, write, chunk: _Chunk, merged: np.ndarray, aliases) -> None:
         for i, leaf in enumerate(chunk.leaves):
             for name in [leaf.name, *aliases.get(leaf.name, [])]:
-                if leaf.rows is None:
-                    write(name, merged[i])
-                else:
-                    write(name, merged[i], (0, leaf.rows))
-                    self._write_tail(write, name, leaf)
-                self.report.tensors_written += 1
+                write(name, merged[i], leaf.read_rows)
+                if leaf.block is None or leaf.block[1] == (leaf.rows or leaf.out_shape[0]):
+                    self.report.tensors_written += 1
 
     def _write_tail(self, write, name: str, leaf: LeafPlan) -> None:
         source = [self.base, *self.experts][leaf.tail]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.algebra import LeafContext, Merge, stats_pass
+from jaxmerge.algebra import LeafContext, Merge, elementwise, stats_pass
 from jaxmerge.errors import ConfigError
 
 _BINS = 1 << 16
@@ -34,6 +34,12 @@ def _salt(label: str) -> int:
 def _expand(values, like):
     """Reshapes per-expert values [N] to broadcast against [N, *shape]."""
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def _per_expert(fn, x):
+    """Maps ``fn`` over the expert axis one expert at a time (``lax.map``), so the
+    temporaries of a selection are held for one task vector, not N."""
+    return jax.lax.map(fn, x)
 
 
 def _flat(x):
@@ -133,7 +139,7 @@ def weight_experts(weights) -> Merge:
     def apply(x, ctx):
         return x * _expand(jnp.asarray(weights_array), x)
 
-    return Merge(apply, check=check)
+    return elementwise(apply, check=check)
 
 
 def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
@@ -154,7 +160,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
             rank = ties_rank(x[0].size, density)
             if rank is None:
                 return x
-            thresholds = jax.vmap(kth_smallest_abs, in_axes=(0, None))(x, rank)
+            thresholds = _per_expert(lambda v: kth_smallest_abs(v, rank), x)
             return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
 
         return Merge(apply)
@@ -204,7 +210,7 @@ def _global_trim(density: float) -> Merge:
         thresholds = jnp.asarray(ctx.stats[low_pass.id])
         return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
 
-    return Merge(apply, passes=(high_pass, low_pass))
+    return elementwise(apply, passes=(high_pass, low_pass))
 
 
 def elect_sign(scope: str = "per_tensor") -> Merge:
@@ -231,7 +237,7 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
         return np.float32(np.sign(np.asarray(total, np.int64)))
 
     majority_pass = stats_pass(partial, finalize, "TIES global majority sign")
-    return Merge(
+    return elementwise(
         lambda x, ctx: elected(x, jnp.asarray(ctx.stats[majority_pass.id])),
         passes=(majority_pass,),
     )
@@ -295,9 +301,9 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
             top, bottom = top + bottom, 0
         keep = jnp.ones(x.shape, bool)
         if bottom > 0:
-            keep &= jax.vmap(rank_at_least, in_axes=(0, None))(x, bottom)
+            keep &= _per_expert(lambda v: rank_at_least(v, bottom), x)
         if top > 0:
-            keep &= ~jax.vmap(rank_at_least, in_axes=(0, None))(x, size - top)
+            keep &= ~_per_expert(lambda v: rank_at_least(v, size - top), x)
         return jnp.where(keep, x, 0.0)
 
     return Merge(apply)
@@ -346,7 +352,7 @@ def active(epsilon: float = 1e-5) -> Merge:
     """RAM activity mask: entries with |τ| ≤ ε (strict >) become exactly 0 (METHODS.md §5)."""
     if not epsilon >= 0:
         raise ConfigError(f"epsilon must be >= 0, got {epsilon}")
-    return Merge(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
+    return elementwise(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
 
 
 def ram_plus_lambdas(shared, unique, rate, alpha, xp=jnp):
@@ -399,8 +405,8 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
         return ram_plus_lambdas(total[:, 0], total[:, 1], rate, alpha, xp=np)
 
     counts_pass = stats_pass(partial, finalize, "RAM+ shared/unique counts")
-    return Merge(lambda x, ctx: boosted(x, jnp.asarray(ctx.stats[counts_pass.id])),
-                 passes=(counts_pass,))
+    return elementwise(lambda x, ctx: boosted(x, jnp.asarray(ctx.stats[counts_pass.id])),
+                       passes=(counts_pass,))
 
 
 # ---------------------------------------------------------------------------
@@ -409,12 +415,12 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
 
 def mean() -> Merge:
     """Δ = (1/N) Σ_t x_t."""
-    return Merge(lambda x, ctx: jnp.mean(x, axis=0))
+    return elementwise(lambda x, ctx: jnp.mean(x, axis=0))
 
 
 def sum_experts() -> Merge:
     """Δ = Σ_t x_t."""
-    return Merge(lambda x, ctx: jnp.sum(x, axis=0))
+    return elementwise(lambda x, ctx: jnp.sum(x, axis=0))
 
 
 def weighted_mean(weights=None) -> Merge:
@@ -425,7 +431,7 @@ def weighted_mean(weights=None) -> Merge:
             weights, jnp.float32)
         return jnp.sum(x * _expand(w, x), axis=0) / jnp.sum(w)
 
-    merge = Merge(apply)
+    merge = elementwise(apply)
     if weights is not None:
         if not np.isfinite(np.sum(weights)) or np.sum(weights) == 0:
             raise ConfigError(f"weights must have a non-zero finite sum, got {list(weights)}")
@@ -444,7 +450,7 @@ def disjoint_mean() -> Merge:
         count = jnp.sum(x != 0, axis=0).astype(jnp.float32)
         return jnp.sum(x, axis=0) / jnp.maximum(count, 1.0)
 
-    return Merge(apply)
+    return elementwise(apply)
 
 
 def _cosine(a, b):

@@ -46,6 +46,8 @@ class LeafPlan:
       tail: ``(model index, 0 = base)`` that supplies rows ``[rows, out_shape[0])``.
       alias_of: the tensor whose merged value this one repeats (tied lm_head), or None.
       copy: non-floating tensors are copied from the base unchanged.
+      block: rows ``[start, stop)`` of the merged rows, when the executor merges a
+        large leaf in row blocks (elementwise merges only); None for the whole leaf.
     """
 
     info: LeafInfo
@@ -55,10 +57,28 @@ class LeafPlan:
     tail: int | None = None
     alias_of: str | None = None
     copy: bool = False
+    block: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def read_rows(self) -> tuple[int, int] | None:
+        """The rows of every input this (part of a) leaf reads, or None for all."""
+        if self.block is not None:
+            return self.block
+        return None if self.rows is None else (0, self.rows)
+
+    def row_blocks(self, rows_per_block: int) -> list[LeafPlan]:
+        """This leaf as consecutive row blocks of at most ``rows_per_block`` rows."""
+        total = self.info.shape[0]
+        blocks = []
+        for start in range(0, total, rows_per_block):
+            stop = min(total, start + rows_per_block)
+            info = dataclasses.replace(self.info, shape=(stop - start, *self.info.shape[1:]))
+            blocks.append(dataclasses.replace(self, info=info, block=(start, stop)))
+        return blocks
 
     @property
     def merged(self) -> bool:

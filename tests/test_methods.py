@@ -298,3 +298,26 @@ def test_finite_in_finite_out(method):
     merged = run(ALL_METHODS[method](), base, experts)
     for name, value in merged.items():
         assert np.all(np.isfinite(value)), (method, name)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties_global", "ram", "ram_plus",
+                                    "ties", "dare_ties"])
+def test_row_blocks_and_batching_do_not_change_results(method):
+    """A 1-byte budget merges elementwise methods one row at a time; others one leaf at a time."""
+    base, experts, _ = make_models(3, seed=12)
+    merge = ALL_METHODS[method]()
+    whole = jaxmerge.merge(merge, base, experts, key=3)
+    tiny_chunks = jaxmerge.merge(merge, base, experts, key=3, chunk_bytes=1)
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(whole[name]), np.asarray(tiny_chunks[name]),
+                                      err_msg=f"{method} {name}")
+
+
+def test_elementwise_property_of_methods():
+    info = jaxmerge.LeafInfo.from_name("model.layers.0.mlp.up_proj.weight", (4, 4))
+    assert jaxmerge.task_arithmetic().elementwise(info)
+    assert jaxmerge.ram_plus().elementwise(info)
+    assert jaxmerge.ties(scope="global").elementwise(info)
+    assert not jaxmerge.ties().elementwise(info)
+    assert not jaxmerge.dare_linear().elementwise(info)
+    assert not jaxmerge.model_stock().elementwise(info)
