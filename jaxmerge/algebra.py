@@ -54,7 +54,10 @@ class LeafContext(NamedTuple):
         name and the expert index (METHODS.md §0), so masks never depend on
         traversal order, batching or sharding.
       extras: per-expert extra inputs by name, each ``f32[N, *shape]``.
-      stats: finished whole-model statistics, keyed by :attr:`StatsPass.id`.
+      stats: finished statistics, keyed by :attr:`StatsPass.id` (whole-model ones,
+        and this leaf's value of per-leaf ones).
+      row_offset: index of this block's first row in the whole leaf (0 unless the
+        executor splits a row-wise merge's leaf into row blocks).
       info: static facts about the leaf (shape, family, ...). Do not branch on the
         name or layer inside ``apply``: leaves of one shape group share a compiled
         call. Use :func:`route` with a name predicate instead.
@@ -65,6 +68,7 @@ class LeafContext(NamedTuple):
     keys: Array
     extras: Mapping[str, Array]
     stats: Mapping[int, PyTree]
+    row_offset: Array
     info: LeafInfo
 
     @property
@@ -90,6 +94,10 @@ class StatsPass(NamedTuple):
         (numpy, int64/float64) into the statistic (a pytree of arrays).
       applies: static predicate: which leaves contribute.
       description: shown in the progress bar.
+      per_leaf: sum and finalize per tensor instead of over the whole model (a
+        per-tensor quantile, say). The executor runs per-leaf passes only for the
+        leaves it splits into row blocks; a piece must compute the statistic
+        itself, inside its compiled call, when ``id not in ctx.stats``.
     """
 
     id: int
@@ -97,11 +105,12 @@ class StatsPass(NamedTuple):
     finalize: Callable[[PyTree, Mapping[int, PyTree]], PyTree]
     applies: Callable[[LeafInfo], bool] = _everywhere
     description: str = "statistics"
+    per_leaf: bool = False
 
 
-def stats_pass(partial, finalize, description="statistics") -> StatsPass:
+def stats_pass(partial, finalize, description="statistics", per_leaf=False) -> StatsPass:
     """Creates a :class:`StatsPass` with a fresh id."""
-    return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description)
+    return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description, per_leaf)
 
 
 def _no_choice(info: LeafInfo) -> Hashable:
@@ -123,9 +132,13 @@ def _always(info: LeafInfo) -> bool:
     return True
 
 
-def elementwise(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
-    """A piece whose output entry i depends only on entry i of its input (row-splittable)."""
-    return Merge(apply, elementwise=_always, **kwargs)
+def rowwise(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
+    """A piece whose output rows depend only on the same input rows (row-splittable).
+
+    Entrywise pieces are row-wise; so are per-row ones (DELLA's ranks, DARE's
+    per-row keys). Whole-tensor quantities must come from per-leaf statistics.
+    """
+    return Merge(apply, rowwise=_always, **kwargs)
 
 
 class Merge(NamedTuple):
@@ -139,9 +152,10 @@ class Merge(NamedTuple):
         signatures never share a compiled call (used by :func:`route`).
       check: ``check(num_experts)`` raises ConfigError when the merge cannot take
         that many experts (e.g. slerp needs 1 or 2).
-      elementwise: ``elementwise(info)`` is True when each output entry depends only
-        on the same entry of the inputs (and on finished statistics). The executor
-        may then merge a leaf larger than its memory budget in row blocks.
+      rowwise: ``rowwise(info)`` is True when each output row (index of dim 0)
+        depends only on the same rows of the inputs (and on finished statistics).
+        The executor may then merge a leaf larger than its memory budget in row
+        blocks; ``ctx.row_offset`` tells a block where it starts.
     """
 
     apply: Callable[[Array, LeafContext], Array]
@@ -149,7 +163,7 @@ class Merge(NamedTuple):
     extra_inputs: tuple[str, ...] = ()
     choose: Callable[[LeafInfo], Hashable] = _no_choice
     check: Callable[[int], None] = _any_n
-    elementwise: Callable[[LeafInfo], bool] = _never
+    rowwise: Callable[[LeafInfo], bool] = _never
 
 
 def leaf_fn(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
@@ -196,7 +210,7 @@ def chain(*pieces: Merge) -> Merge:
         extra_inputs=_unique(name for piece in pieces for name in piece.extra_inputs),
         choose=lambda info: tuple(piece.choose(info) for piece in pieces),
         check=_merge_checks(pieces),
-        elementwise=lambda info: all(piece.elementwise(info) for piece in pieces),
+        rowwise=lambda info: all(piece.rowwise(info) for piece in pieces),
     )
 
 
@@ -295,7 +309,7 @@ def route(branches: Mapping[Predicate, Merge], default: Merge) -> Merge:
         extra_inputs=_unique(n for _, merge in options for n in merge.extra_inputs),
         choose=lambda info: (pick(info), options[pick(info)][1].choose(info)),
         check=_merge_checks([merge for _, merge in options]),
-        elementwise=lambda info: options[pick(info)][1].elementwise(info),
+        rowwise=lambda info: options[pick(info)][1].rowwise(info),
     )
 
 
@@ -315,13 +329,13 @@ def add(*merges: Merge) -> Merge:
         extra_inputs=_unique(n for merge in merges for n in merge.extra_inputs),
         choose=lambda info: tuple(merge.choose(info) for merge in merges),
         check=_merge_checks(merges),
-        elementwise=lambda info: all(merge.elementwise(info) for merge in merges),
+        rowwise=lambda info: all(merge.rowwise(info) for merge in merges),
     )
 
 
 def scale(factor: float) -> Merge:
     """Multiplies the value by ``factor`` (the λ of task arithmetic and TIES)."""
-    return elementwise(lambda x, ctx: x * jnp.float32(factor))
+    return rowwise(lambda x, ctx: x * jnp.float32(factor))
 
 
 def requires_experts(merge: Merge, allowed: Callable[[int], bool], message: str) -> Merge:

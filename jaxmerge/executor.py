@@ -34,7 +34,7 @@ from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
 
-DEFAULT_CHUNK_BYTES = 512 * 2**20
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 """Default memory budget for one chunk of stacked inputs and their float32 work arrays."""
 
 _WORK_FACTOR = 3
@@ -86,12 +86,19 @@ class RunReport:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, base, experts, extras, stats):
+def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, row_offset, base, experts, extras,
+                  global_stats, leaf_stats):
     base32 = base.astype(jnp.float32)
     taus = experts.astype(jnp.float32) - base32[None]
     keys = derive_keys(root_key, leaf_hash, experts.shape[0])
     extras32 = {name: value.astype(jnp.float32) for name, value in extras.items()}
-    return LeafContext(taus, base32, keys, extras32, stats, merge_info)
+    stats = {**global_stats, **leaf_stats}
+    return LeafContext(taus, base32, keys, extras32, stats, row_offset, merge_info)
+
+
+_IN_AXES = (None, 0, 0, 0, 0, 0, None, 0)
+"""vmap axes of (key, name hashes, row offsets, base, experts, extras, global stats,
+per-leaf stats): everything but the key and the whole-model statistics is per leaf."""
 
 
 def _finite_flags(ctx: LeafContext):
@@ -111,28 +118,31 @@ def _finite_flags(ctx: LeafContext):
 
 
 def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
-    def one(root_key, leaf_hash, base, experts, extras, stats):
-        ctx = _leaf_context(info, root_key, leaf_hash, base, experts, extras, stats)
+    def one(*args):
+        ctx = _leaf_context(info, *args)
         delta = merge.apply(ctx.taus, ctx)
         merged = (ctx.base + delta).astype(out_dtype)
         return merged, _finite_flags(ctx)
 
-    return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None)))
+    return jax.jit(jax.vmap(one, in_axes=_IN_AXES))
 
 
 def _compile_pass(stats_pass: StatsPass, info: LeafInfo):
-    def one(root_key, leaf_hash, base, experts, extras, stats):
-        ctx = _leaf_context(info, root_key, leaf_hash, base, experts, extras, stats)
+    """Per-item partials for per-leaf passes; their valid-masked sum for global ones."""
+
+    def one(*args):
+        ctx = _leaf_context(info, *args)
         return stats_pass.partial(ctx.taus, ctx)
 
-    batched = jax.vmap(one, in_axes=(None, 0, 0, 0, 0, None))
+    batched = jax.vmap(one, in_axes=_IN_AXES)
+    if stats_pass.per_leaf:
+        return jax.jit(lambda valid, *args: batched(*args))
 
-    def summed(root_key, hashes, base, experts, extras, stats, valid):
-        partials = batched(root_key, hashes, base, experts, extras, stats)
+    def summed(valid, *args):
         return jax.tree.map(
             lambda p: jnp.sum(p * valid.reshape((-1,) + (1,) * (p.ndim - 1)).astype(p.dtype),
                               axis=0),
-            partials,
+            batched(*args),
         )
 
     return jax.jit(summed)
@@ -183,9 +193,9 @@ class Executor:
         itemsize = np.dtype(leaf.info.dtype).itemsize if leaf.info.dtype != "bfloat16" else 2
         return count * inputs * (itemsize + 4 * _WORK_FACTOR)
 
-    def _chunks(self, applies=None) -> list[_Chunk]:
+    def _chunks(self, applies=None, only_blocks=False) -> list[_Chunk]:
         """Chunks of same-shape leaves within the budget; oversized leaves of
-        elementwise merges become row blocks first."""
+        row-wise merges become row blocks first. ``only_blocks``: just those blocks."""
         chunks = []
         for leaves in self.plan.groups.values():
             if applies is not None:
@@ -193,6 +203,8 @@ class Executor:
             if not leaves:
                 continue
             for group in self._split_oversized(leaves):
+                if only_blocks and group[0].block is None:
+                    continue
                 size = max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(
                     group[0]))))
                 for start in range(0, len(group), size):
@@ -205,7 +217,7 @@ class Executor:
         first = leaves[0]
         leaf_bytes = self._leaf_bytes(first)
         rows = first.info.shape[0] if first.info.shape else 1
-        if leaf_bytes <= self.chunk_bytes or rows < 2 or not self.merge.elementwise(first.info):
+        if leaf_bytes <= self.chunk_bytes or rows < 2 or not self.merge.rowwise(first.info):
             return [leaves]
         rows_per_block = max(1, self.chunk_bytes // (leaf_bytes // rows))
         by_shape: dict[tuple, list[LeafPlan]] = {}
@@ -240,9 +252,12 @@ class Executor:
                     source.read(leaf.name, extras[name][i, t], rows)
         hashes = np.zeros(chunk.size, np.uint32)
         hashes[: len(chunk.leaves)] = [name_hash(leaf.name) for leaf in chunk.leaves]
+        offsets = np.zeros(chunk.size, np.int32)
+        offsets[: len(chunk.leaves)] = [leaf.block[0] if leaf.block else 0
+                                        for leaf in chunk.leaves]
         nbytes = base.nbytes + experts.nbytes + sum(v.nbytes for v in extras.values())
         nbytes = nbytes * len(chunk.leaves) // chunk.size
-        return hashes, base, experts, extras, nbytes
+        return (hashes, offsets, base, experts, extras), nbytes
 
     def _stream(self, chunks: list[_Chunk], description: str):
         """Yields (chunk, arrays) with the next chunk's read running in the background."""
@@ -256,9 +271,10 @@ class Executor:
                 self.report.read_wait_seconds += time.perf_counter() - waited
                 pending = pool.submit(self._read_chunk, chunks[index + 1]) if index + 1 < len(
                     chunks) else None
-                self.report.bytes_read += arrays[-1]
+                arrays, nbytes = arrays
+                self.report.bytes_read += nbytes
                 yield chunk, arrays
-                bar.update(arrays[-1])
+                bar.update(nbytes)
                 bar.set_postfix_str(f"{chunk.leaves[-1].name}", refresh=False)
         bar.close()
 
@@ -282,25 +298,63 @@ class Executor:
         return self._compiled[key]
 
     def compute_stats(self) -> dict:
-        """Runs every statistics pass, in order; returns {pass id: statistic}."""
+        """Runs every statistics pass, in order.
+
+        Returns {pass id: statistic} for whole-model passes and
+        {pass id: {leaf name: statistic}} for per-leaf ones.
+        """
         stats: dict = {}
         for number, stats_pass in enumerate(self.merge.passes, start=1):
-            chunks = self._chunks(stats_pass.applies)
-            total = None
+            # Per-leaf statistics are only needed by leaves merged in row blocks.
+            chunks = self._chunks(stats_pass.applies, only_blocks=stats_pass.per_leaf)
+            if stats_pass.per_leaf and not chunks:
+                stats[stats_pass.id] = _PerLeaf()
+                continue
             label = f"pass {number}/{len(self.merge.passes)}: {stats_pass.description}"
-            for chunk, (hashes, base, experts, extras, _) in self._stream(chunks, label):
+            totals: dict = {}
+            for chunk, arrays in self._stream(chunks, label):
                 fn = self._compiled_fn(("pass", stats_pass.id), chunk,
                                        lambda info, p=stats_pass: _compile_pass(p, info))
                 valid = np.arange(chunk.size) < len(chunk.leaves)
-                partial = fn(self.key, hashes, base, experts, extras, _device_stats(stats), valid)
-                partial = jax.tree.map(_widen, partial)
-                total = partial if total is None else jax.tree.map(np.add, total, partial)
+                partial = jax.tree.map(_widen, fn(valid, *self._call_args(chunk, arrays, stats)))
+                if stats_pass.per_leaf:
+                    for i, leaf in enumerate(chunk.leaves):
+                        item = jax.tree.map(lambda p, i=i: p[i], partial)
+                        _accumulate(totals, leaf.name, item)
+                else:
+                    _accumulate(totals, None, partial)
                 self.report.chunks += 1
-            if total is None:
+            if not totals:
                 raise JaxmergeError(f"statistics pass {stats_pass.description!r} saw no tensor")
-            stats[stats_pass.id] = stats_pass.finalize(total, stats)
+            if stats_pass.per_leaf:
+                stats[stats_pass.id] = _PerLeaf({
+                    name: stats_pass.finalize(total, self._leaf_view(stats, name))
+                    for name, total in totals.items()})
+            else:
+                stats[stats_pass.id] = stats_pass.finalize(totals[None], stats)
         self.report.stats = stats
         return stats
+
+    @staticmethod
+    def _leaf_view(stats: dict, name: str) -> dict:
+        """The statistics one leaf sees: whole-model values and its per-leaf values."""
+        return {key: value[name] if isinstance(value, _PerLeaf) else value
+                for key, value in stats.items()}
+
+    def _call_args(self, chunk: _Chunk, arrays, stats: dict) -> tuple:
+        """Arguments of a compiled call: per-leaf statistics stacked over the chunk."""
+        hashes, offsets, base, experts, extras = arrays
+        global_stats = {key: jax.tree.map(np.asarray, value) for key, value in stats.items()
+                        if not isinstance(value, _PerLeaf)}
+        names = [leaf.name for leaf in chunk.leaves]
+        names += [names[0]] * (chunk.size - len(names))  # padding repeats the first leaf
+        leaf_stats = {
+            key: jax.tree.map(lambda *items: np.stack([np.asarray(i) for i in items]),
+                              *[value[name] for name in names])
+            for key, value in stats.items() if isinstance(value, _PerLeaf)
+            and all(name in value for name in names)
+        }
+        return (self.key, hashes, offsets, base, experts, extras, global_stats, leaf_stats)
 
     def run(self, write) -> RunReport:
         """Merges every tensor and hands it to ``write(name, array, rows=None)``."""
@@ -313,15 +367,13 @@ class Executor:
 
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write") as pool:
             pending = None
-            device_stats = _device_stats(stats)
-            for chunk, (hashes, base, experts, extras, _) in self._stream(self._chunks(),
-                                                                           "merge"):
+            for chunk, arrays in self._stream(self._chunks(), "merge"):
                 out_dtype = chunk.leaves[0].out_dtype
                 fn = self._compiled_fn("apply", chunk,
                                        lambda info, d=out_dtype: _compile_apply(self.merge, info,
                                                                                 d))
                 computed = time.perf_counter()
-                merged, finite = fn(self.key, hashes, base, experts, extras, device_stats)
+                merged, finite = fn(*self._call_args(chunk, arrays, stats))
                 self._check_finite(chunk, np.asarray(finite))
                 merged = np.asarray(merged)
                 waited = time.perf_counter()
@@ -385,9 +437,15 @@ def _widen(value):
     return value.astype(np.float64)
 
 
-def _device_stats(stats: dict) -> dict:
-    """Statistics as arrays for jit: host-only bookkeeping values stay as they are."""
-    return {key: jax.tree.map(np.asarray, value) for key, value in stats.items()}
+class _PerLeaf(dict):
+    """{leaf name: statistic} of a per-leaf statistics pass."""
+
+
+def _accumulate(totals: dict, key, partial) -> None:
+    if key in totals:
+        totals[key] = jax.tree.map(np.add, totals[key], partial)
+    else:
+        totals[key] = partial
 
 
 class _NoBar:

@@ -73,9 +73,13 @@ _FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "orbax"],
                             "in OUTPUT/params (plus config and tokenizer).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 _CHUNK_MEMORY = flags.DEFINE_string(
-    "chunk_memory", "512MB",
+    "chunk_memory", "256MB",
     "Memory budget of one batched chunk of same-shape tensors (inputs + float32 work).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/jaxmerge/xla",
+    "Directory of JAX's persistent compilation cache: a repeated merge of the same shapes "
+    "skips XLA compilation. Empty string: off.")
 _DEMO = flags.DEFINE_bool(
     "demo", False,
     "Build the real SmolLM2-135M-Instruct base and 3 derived RL-style experts in --demo_dir "
@@ -170,6 +174,23 @@ def _demo_inputs() -> tuple[str, list[str], str]:
     return str(base), [str(e) for e in experts], output
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``directory`` (if non-empty)."""
+    if not directory:
+        return
+    import jax
+
+    path = pathlib.Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        logging.warning("compilation cache %s unavailable (%s); compiling from scratch", path,
+                        error)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def run(argv) -> int:
     """Parses nothing itself: reads the already-parsed flags and merges."""
     from jaxmerge.api import merge_checkpoints
@@ -199,6 +220,7 @@ def run(argv) -> int:
         name = method
         if _WEIGHTS.value is not None:
             hyper["weights"] = _weights()
+    enable_compilation_cache(_COMPILATION_CACHE.value)
     result = merge_checkpoints(
         merge, base, experts, output,
         method_name=name,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.algebra import LeafContext, Merge, elementwise, stats_pass
+from jaxmerge.algebra import LeafContext, Merge, rowwise, stats_pass
 from jaxmerge.errors import ConfigError
 
 _BINS = 1 << 16
@@ -139,96 +139,82 @@ def weight_experts(weights) -> Merge:
     def apply(x, ctx):
         return x * _expand(jnp.asarray(weights_array), x)
 
-    return elementwise(apply, check=check)
+    return rowwise(apply, check=check)
 
 
 def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
     """TIES trim: keeps entries with |τ_t| ≥ the density-quantile threshold of |τ_t|.
 
     Yadav et al. 2023 (TIES-Merging), METHODS.md §2 step 1. The threshold is the
-    (d − ⌊d·k⌋)-th smallest |τ_t| over the scope (d entries), exactly.
+    (d − ⌊d·k⌋)-th smallest |τ_t| over the scope (d entries), found exactly by a
+    radix select over two statistics passes (per leaf, or over the whole model).
 
     Args:
       density: fraction k of entries kept, in (0, 1]. Default 0.2.
-      scope: ``per_tensor`` (house default) or ``global`` (the whole model per task,
-        computed by two streaming statistics passes).
+      scope: ``per_tensor`` (house default) or ``global`` (the whole model per task).
     """
     _check_fraction("density", density)
-    if scope == "per_tensor":
-
-        def apply(x, ctx):
-            rank = ties_rank(x[0].size, density)
-            if rank is None:
-                return x
-            thresholds = _per_expert(lambda v: kth_smallest_abs(v, rank), x)
-            return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
-
-        return Merge(apply)
-    if scope != "global":
+    if scope not in ("per_tensor", "global"):
         raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
-    return _global_trim(density)
+    per_leaf = scope == "per_tensor"
+    label = "TIES threshold" + ("" if per_leaf else " (global)")
 
-
-def _global_trim(density: float) -> Merge:
     def high_partial(x, ctx):
-        return jax.vmap(high_bin_counts)(x)
+        return _per_expert(high_bin_counts, x)
 
     def high_finalize(total, stats):
         total = np.asarray(total, np.int64)
-        size = int(total[0].sum())
-        rank = ties_rank(size, density)
+        rank = ties_rank(int(total[0].sum()), density)
+        experts = len(total)
+        # "rank" is host bookkeeping (float64 is exact to 2**53 entries; jit sees float32).
         if rank is None:
-            return {"keep_all": np.bool_(True), "high": np.zeros(len(total), np.int32),
-                    "rank": np.zeros(len(total), np.int64)}
+            return {"keep_all": np.bool_(True), "high": np.zeros(experts, np.int32),
+                    "rank": np.zeros(experts, np.float64)}
         cumulative = np.cumsum(total, axis=1)
-        high = np.array([np.searchsorted(c, rank, side="right") for c in cumulative])
-        before = cumulative[np.arange(len(total)), high] - total[np.arange(len(total)), high]
+        high = (cumulative <= rank).sum(axis=1)
+        before = cumulative[np.arange(experts), high] - total[np.arange(experts), high]
         return {"keep_all": np.bool_(False), "high": high.astype(np.int32),
-                "rank": (rank - before).astype(np.int64)}
+                "rank": (rank - before).astype(np.float64)}
 
-    high_pass = stats_pass(high_partial, high_finalize, "TIES global threshold (1/2)")
+    high_pass = stats_pass(high_partial, high_finalize, f"{label} (1/2)", per_leaf)
 
     def low_partial(x, ctx):
         high = jnp.asarray(ctx.stats[high_pass.id]["high"])
-        return jax.vmap(low_bin_counts)(x, high)
+        return _per_expert(lambda args: low_bin_counts(*args), (x, high))
 
     def low_finalize(total, stats):
         first = stats[high_pass.id]
         if first["keep_all"]:
             return np.zeros(len(first["high"]), np.float32)
         total = np.asarray(total, np.int64)
-        thresholds = []
-        for counts, high, rank in zip(total, first["high"], first["rank"]):
-            low = int(np.searchsorted(np.cumsum(counts), rank, side="right"))
-            bits = np.uint32((int(high) << 16) | low)
-            thresholds.append(bits.view(np.float32))
-        return np.asarray(thresholds, np.float32)
+        low = (np.cumsum(total, axis=1) <= first["rank"][:, None]).sum(axis=1)
+        bits = (first["high"].astype(np.uint32) << 16) | low.astype(np.uint32)
+        return bits.astype(np.uint32).view(np.float32)
 
-    low_pass = stats_pass(low_partial, low_finalize, "TIES global threshold (2/2)")
+    low_pass = stats_pass(low_partial, low_finalize, f"{label} (2/2)", per_leaf)
 
     def apply(x, ctx):
-        thresholds = jnp.asarray(ctx.stats[low_pass.id])
+        if low_pass.id in ctx.stats:
+            thresholds = jnp.asarray(ctx.stats[low_pass.id])
+        else:  # a whole leaf: select inside the compiled call, no extra pass
+            rank = ties_rank(x[0].size, density)
+            if rank is None:
+                return x
+            thresholds = _per_expert(lambda v: kth_smallest_abs(v, rank), x)
         return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
 
-    return elementwise(apply, passes=(high_pass, low_pass))
+    return rowwise(apply, passes=(high_pass, low_pass))
 
 
 def elect_sign(scope: str = "per_tensor") -> Merge:
     """TIES elect: keeps the entries whose sign agrees with g = sign(Σ_t τ̂_t).
 
     METHODS.md §2 step 2. Where g = 0 the majority sign of g over the scope
-    (``per_tensor`` or ``global``) is used; entries that disagree become 0.
+    (``per_tensor`` or ``global``, a statistics pass) is used; entries that
+    disagree become 0.
     """
     if scope not in ("per_tensor", "global"):
         raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
-
-    def elected(x, majority):
-        g = jnp.sign(jnp.sum(x, axis=0))
-        g = jnp.where(g == 0, majority, g)
-        return jnp.where(jnp.sign(x) == g, x, 0.0)
-
-    if scope == "per_tensor":
-        return Merge(lambda x, ctx: elected(x, jnp.sign(jnp.sum(jnp.sign(jnp.sum(x, axis=0))))))
 
     def partial(x, ctx):
         return jnp.sum(jnp.sign(jnp.sum(x, axis=0)).astype(jnp.int32))
@@ -236,28 +222,46 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
     def finalize(total, stats):
         return np.float32(np.sign(np.asarray(total, np.int64)))
 
-    majority_pass = stats_pass(partial, finalize, "TIES global majority sign")
-    return elementwise(
-        lambda x, ctx: elected(x, jnp.asarray(ctx.stats[majority_pass.id])),
-        passes=(majority_pass,),
-    )
+    majority_pass = stats_pass(partial, finalize, f"TIES majority sign ({scope})",
+                               per_leaf=scope == "per_tensor")
+
+    def apply(x, ctx):
+        g = jnp.sign(jnp.sum(x, axis=0))
+        if majority_pass.id in ctx.stats:
+            majority = jnp.asarray(ctx.stats[majority_pass.id])
+        else:  # a whole leaf: its own majority
+            majority = jnp.sign(jnp.sum(g))
+        g = jnp.where(g == 0, majority, g)
+        return jnp.where(jnp.sign(x) == g, x, 0.0)
+
+    return rowwise(apply, passes=(majority_pass,))
 
 
-def keep_masks(keys, probabilities, label: str):
+def keep_masks(keys, probabilities, label: str, row_offset=0):
     """Bernoulli keep-masks ``bool[N, *shape]``, expert t drawn from ``keys[t]``.
 
-    ``probabilities`` is ``f32[N, *shape]``. ``label`` salts the key so different
-    random pieces in one chain draw independently.
+    Row r of the leaf (index of dim 0; a 0-d leaf is one row) draws from
+    ``fold_in(fold_in(key, salt(label)), r)``, so a row's mask is the same whether
+    the leaf is merged whole or in row blocks starting at ``row_offset``.
+    ``probabilities`` is ``f32[N, *shape]``.
     """
     salt = _salt(label)
-    return jax.vmap(lambda key, p: jax.random.bernoulli(jax.random.fold_in(key, salt), p))(
-        keys, probabilities)
+
+    def one_expert(key, p):
+        key = jax.random.fold_in(key, salt)
+        if p.ndim == 0:
+            return jax.random.bernoulli(key, p)
+        rows = row_offset + jnp.arange(p.shape[0])
+        return jax.vmap(lambda r, q: jax.random.bernoulli(jax.random.fold_in(key, r), q))(
+            rows, p)
+
+    return jax.vmap(one_expert)(keys, probabilities)
 
 
-def dare_masks(keys, keep_probability: float, shape):
+def dare_masks(keys, keep_probability: float, shape, row_offset=0):
     """The DARE keep-masks ``bool[N, *shape]`` for one leaf (see :func:`keep_masks`)."""
     probabilities = jnp.full((keys.shape[0], *shape), keep_probability, jnp.float32)
-    return keep_masks(keys, probabilities, "dare")
+    return keep_masks(keys, probabilities, "dare", row_offset)
 
 
 def dare(drop_rate: float = 0.8) -> Merge:
@@ -275,10 +279,10 @@ def dare(drop_rate: float = 0.8) -> Merge:
     def apply(x, ctx):
         if keep == 0.0:
             return jnp.zeros_like(x)
-        masks = dare_masks(ctx.keys, keep, x.shape[1:])
+        masks = dare_masks(ctx.keys, keep, x.shape[1:], ctx.row_offset)
         return jnp.where(masks, x / jnp.float32(keep), 0.0)
 
-    return Merge(apply)
+    return rowwise(apply)
 
 
 def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
@@ -342,17 +346,18 @@ def della_mask(density: float = 0.2, epsilon: float = 0.15) -> Merge:
         probabilities = jax.vmap(della_keep_probabilities, in_axes=(0, None, None))(
             x, density, epsilon
         )
-        masks = keep_masks(ctx.keys, probabilities, "della")
+        masks = keep_masks(ctx.keys, probabilities, "della", ctx.row_offset)
         return jnp.where(masks, x / probabilities, 0.0)
 
-    return Merge(apply)
+    # A 1-D leaf is one row, ranked as a whole: it cannot be split.
+    return Merge(apply, rowwise=lambda info: info.ndim >= 2)
 
 
 def active(epsilon: float = 1e-5) -> Merge:
     """RAM activity mask: entries with |τ| ≤ ε (strict >) become exactly 0 (METHODS.md §5)."""
     if not epsilon >= 0:
         raise ConfigError(f"epsilon must be >= 0, got {epsilon}")
-    return elementwise(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
+    return rowwise(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
 
 
 def ram_plus_lambdas(shared, unique, rate, alpha, xp=jnp):
@@ -393,10 +398,6 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
         unique = (x != 0) & (jnp.sum(x != 0, axis=0) == 1)
         return jnp.where(unique, x * _expand(lambdas, x), x)
 
-    if scope == "per_tensor":
-        return Merge(lambda x, ctx: boosted(x, ram_plus_lambdas(*_shared_unique_counts(x),
-                                                                rate, alpha)))
-
     def partial(x, ctx):
         return jnp.stack(_shared_unique_counts(x), axis=1)
 
@@ -404,9 +405,14 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
         total = np.asarray(total, np.int64)
         return ram_plus_lambdas(total[:, 0], total[:, 1], rate, alpha, xp=np)
 
-    counts_pass = stats_pass(partial, finalize, "RAM+ shared/unique counts")
-    return elementwise(lambda x, ctx: boosted(x, jnp.asarray(ctx.stats[counts_pass.id])),
-                       passes=(counts_pass,))
+    counts_pass = stats_pass(partial, finalize, f"RAM+ shared/unique counts ({scope})",
+                             per_leaf=scope == "per_tensor")
+    def apply(x, ctx):
+        if counts_pass.id in ctx.stats:
+            return boosted(x, jnp.asarray(ctx.stats[counts_pass.id]))
+        return boosted(x, ram_plus_lambdas(*_shared_unique_counts(x), rate, alpha))
+
+    return rowwise(apply, passes=(counts_pass,))
 
 
 # ---------------------------------------------------------------------------
@@ -415,12 +421,12 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
 
 def mean() -> Merge:
     """Δ = (1/N) Σ_t x_t."""
-    return elementwise(lambda x, ctx: jnp.mean(x, axis=0))
+    return rowwise(lambda x, ctx: jnp.mean(x, axis=0))
 
 
 def sum_experts() -> Merge:
     """Δ = Σ_t x_t."""
-    return elementwise(lambda x, ctx: jnp.sum(x, axis=0))
+    return rowwise(lambda x, ctx: jnp.sum(x, axis=0))
 
 
 def weighted_mean(weights=None) -> Merge:
@@ -431,7 +437,7 @@ def weighted_mean(weights=None) -> Merge:
             weights, jnp.float32)
         return jnp.sum(x * _expand(w, x), axis=0) / jnp.sum(w)
 
-    merge = elementwise(apply)
+    merge = rowwise(apply)
     if weights is not None:
         if not np.isfinite(np.sum(weights)) or np.sum(weights) == 0:
             raise ConfigError(f"weights must have a non-zero finite sum, got {list(weights)}")
@@ -450,7 +456,7 @@ def disjoint_mean() -> Merge:
         count = jnp.sum(x != 0, axis=0).astype(jnp.float32)
         return jnp.sum(x, axis=0) / jnp.maximum(count, 1.0)
 
-    return elementwise(apply)
+    return rowwise(apply)
 
 
 def _cosine(a, b):

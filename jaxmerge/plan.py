@@ -47,7 +47,7 @@ class LeafPlan:
       alias_of: the tensor whose merged value this one repeats (tied lm_head), or None.
       copy: non-floating tensors are copied from the base unchanged.
       block: rows ``[start, stop)`` of the merged rows, when the executor merges a
-        large leaf in row blocks (elementwise merges only); None for the whole leaf.
+        large leaf in row blocks (row-wise merges only); None for the whole leaf.
     """
 
     info: LeafInfo

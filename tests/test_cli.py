@@ -56,7 +56,7 @@ def run_cli(*args) -> int:
     """Runs the CLI in-process with fresh flags (restored afterwards)."""
     with flagsaver.flagsaver():
         FLAGS.unparse_flags()
-        FLAGS(["jaxmerge", "--progress=false", *args])
+        FLAGS(["jaxmerge", "--progress=false", "--compilation_cache=", *args])
         return cli_main.main(["jaxmerge"])
 
 

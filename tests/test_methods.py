@@ -301,9 +301,9 @@ def test_finite_in_finite_out(method):
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties_global", "ram", "ram_plus",
-                                    "ties", "dare_ties"])
+                                    "ties", "dare_ties", "della", "breadcrumbs"])
 def test_row_blocks_and_batching_do_not_change_results(method):
-    """A 1-byte budget merges elementwise methods one row at a time; others one leaf at a time."""
+    """A 1-byte budget merges row-wise methods one row at a time; others one leaf at a time."""
     base, experts, _ = make_models(3, seed=12)
     merge = ALL_METHODS[method]()
     whole = jaxmerge.merge(merge, base, experts, key=3)
@@ -313,11 +313,14 @@ def test_row_blocks_and_batching_do_not_change_results(method):
                                       err_msg=f"{method} {name}")
 
 
-def test_elementwise_property_of_methods():
+def test_rowwise_property_of_methods():
     info = jaxmerge.LeafInfo.from_name("model.layers.0.mlp.up_proj.weight", (4, 4))
-    assert jaxmerge.task_arithmetic().elementwise(info)
-    assert jaxmerge.ram_plus().elementwise(info)
-    assert jaxmerge.ties(scope="global").elementwise(info)
-    assert not jaxmerge.ties().elementwise(info)
-    assert not jaxmerge.dare_linear().elementwise(info)
-    assert not jaxmerge.model_stock().elementwise(info)
+    assert jaxmerge.task_arithmetic().rowwise(info)
+    assert jaxmerge.ram_plus().rowwise(info)
+    assert jaxmerge.ties(scope="global").rowwise(info)
+    assert jaxmerge.ties().rowwise(info)  # per-tensor quantities come from per-leaf passes
+    assert jaxmerge.dare_ties().rowwise(info)  # masks are keyed by row
+    assert jaxmerge.della().rowwise(info)  # ranks are per row
+    assert not jaxmerge.breadcrumbs().rowwise(info)  # whole-tensor ranks
+    assert not jaxmerge.model_stock().rowwise(info)
+    assert not jaxmerge.slerp().rowwise(info)

@@ -19,7 +19,7 @@ from jaxmerge.leaves import LeafInfo
 def context(taus, name="model.layers.0.mlp.up_proj.weight", seed=0):
     keys = leaf_keys(jax.random.key(seed), name, taus.shape[0])
     info = LeafInfo.from_name(name, taus.shape[1:])
-    return LeafContext(taus, jnp.zeros(taus.shape[1:]), keys, {}, {}, info)
+    return LeafContext(taus, jnp.zeros(taus.shape[1:]), keys, {}, {}, jnp.int32(0), info)
 
 
 def test_dare_keep_rate_and_unbiased_rescale():
