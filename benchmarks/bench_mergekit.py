@@ -10,11 +10,11 @@ Per method, both tools run as fresh child processes (``python -m jaxmerge.main``
 ``mergekit-yaml``), ``--repeats`` times each, alternating. Wall time and the child's
 peak RSS come from ``os.wait4``. The page cache is primed and both tools' imports are
 warmed once (untimed) before any timing, so "cold" means: a fresh process that compiles
-(jaxmerge: XLA per tensor shape) or dispatches eagerly (mergekit) from scratch, not a
-cold disk. jaxmerge has no persistent compile cache of its own; JAX's persistent
-compilation cache (the JAX_COMPILATION_CACHE_DIR environment variable) is measured as an
-extra series unless --no-jax-cache: its first run fills an empty cache, the following
---repeats runs reuse it.
+(jaxmerge: XLA per tensor shape) or dispatches eagerly (mergekit) from scratch, not a cold
+disk; these jaxmerge runs pass --compilation_cache= (off). The CLI's default keeps JAX's
+persistent compilation cache (~/.cache/jaxmerge/xla); it is measured as an extra series
+(--compilation_cache=DIR, a fresh DIR) unless --no-jax-cache: its first run fills the
+empty cache, the following --repeats runs reuse it.
 
 Settings chosen to match jaxmerge's semantics as closely as mergekit allows (see
 /work/shared/reference/mergekit-notes.md §1): float32 compute, bfloat16 output, weight 1
@@ -93,10 +93,14 @@ def mergekit_config(method: str, base: str, experts: list[str]) -> dict:
     }
 
 
-def jaxmerge_command(method: str, base: str, experts: list[str], output: pathlib.Path) -> list:
+def jaxmerge_command(method: str, base: str, experts: list[str], output: pathlib.Path,
+                     cache_dir: pathlib.Path | None = None) -> list:
+    """The CLI call. ``cache_dir`` None: ``--compilation_cache=`` (off), every shape compiles;
+    else the CLI's own persistent compilation cache (its default is ~/.cache/jaxmerge/xla)."""
     return [sys.executable, "-m", "jaxmerge.main", *METHODS[method]["jaxmerge"],
             f"--base={base}", f"--experts={','.join(experts)}", f"--output={output}",
-            "--dtype=bfloat16", "--progress=false", "--overwrite"]
+            "--dtype=bfloat16", "--progress=false", "--overwrite",
+            f"--compilation_cache={cache_dir or ''}"]
 
 
 def mergekit_command(config: pathlib.Path, output: pathlib.Path) -> list:
@@ -104,17 +108,14 @@ def mergekit_command(config: pathlib.Path, output: pathlib.Path) -> list:
             "--device", "cpu", "--random-seed", str(SEED), "--quiet"]
 
 
-def child_env(jax_cache: pathlib.Path | None = None) -> dict:
+def child_env() -> dict:
+    """Offline, and no JAX cache settings from the environment (the CLI flag decides)."""
     env = dict(os.environ)
     for key in list(env):
         if key.startswith("JAX_COMPILATION_CACHE") or key.startswith("JAX_PERSISTENT_CACHE"):
             del env[key]
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    if jax_cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 
@@ -497,12 +498,13 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
         cache_dir.mkdir(parents=True)
         for i in range(repeats + 1):
             shutil.rmtree(jm_out, ignore_errors=True)
-            r = measure(jm_cmd, logs / f"jaxmerge_cache_{i}.log", env=child_env(cache_dir),
-                        label=f"jaxmerge+jaxcache #{i}")
+            r = measure(jaxmerge_command(method, base, experts, jm_out, cache_dir),
+                        logs / f"jaxmerge_cache_{i}.log", env=child_env(),
+                        label=f"jaxmerge+cache #{i}")
             cache_runs.append(r)
             kind = "fill" if i == 0 else "warm"
             state = "ok" if r.ok() else f"FAILED rc={r.returncode}"
-            print(f"  {method:16s} jaxmerge + JAX persistent cache ({kind}) run {i}: "
+            print(f"  {method:16s} jaxmerge --compilation_cache ({kind}) run {i}: "
                   f"{r.seconds:7.2f} s wall {r.cpu_seconds:7.2f} s cpu "
                   f"{r.peak_rss_mb:7.0f} MB  (load {r.load_at_start:.1f})  {state}", flush=True)
         record["jax_cache_bytes"] = sum(f.stat().st_size for f in cache_dir.rglob("*")
@@ -541,7 +543,7 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
     print("\nmachine: {cpu_model}; {usable_cores}/{logical_cores} usable cores; {memory_gb} GB "
           "RAM; {platform}; python {python}".format(**facts))
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
-    header = ["method", "jm cold s", "jm med s", "jm+jaxcache warm s", "mk cold s", "mk med s",
+    header = ["method", "jm cold s", "jm med s", "jm warm-cache s", "mk cold s", "mk med s",
               "mk/jm med", "mk/jm cold", "jm CPU s", "mk CPU s", "jm RSS MB", "mk RSS MB",
               "RSS mk/jm", "comparison"]
     rows = []
@@ -573,9 +575,9 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
         print(f"WARNING: the machine was busy (1-min load average up to {max(loads):.1f} on "
               f"{cores} cores at the start of a timed run): wall times are noisy; compare the "
               "CPU seconds too.")
-    print("jm+jaxcache = jaxmerge with JAX's own persistent compilation cache "
-          "(JAX_COMPILATION_CACHE_DIR, not a jaxmerge flag), median of the runs after the "
-          "one that filled it.")
+    print("jm warm-cache = jaxmerge with its --compilation_cache=DIR (JAX's persistent "
+          "compilation cache; on by default in the CLI), median of the runs after the one "
+          "that filled an empty DIR. jm cold/med use --compilation_cache= (off).")
     for rec in records:
         cmp = rec.get("comparison") or {}
         print(f"\n[{rec['method']}] {rec['note']}")
@@ -618,7 +620,7 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
             print(f"  jaxmerge self-reported merge seconds: {jm['self_reported_s']}")
         if rec.get("jax_cache_bytes") is not None:
             jc = rec.get("jaxmerge_jax_cache") or {}
-            print(f"  JAX cache: {rec['jax_cache_bytes'] / 1e6:.1f} MB; fill run "
+            print(f"  compilation cache: {rec['jax_cache_bytes'] / 1e6:.1f} MB; fill run "
                   f"{fmt(jc.get('fill_s'))} s")
     if load is not None:
         print("\ntransformers load check (bf16, prompt 'The capital of France is'):")
@@ -631,7 +633,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="bench_out")
     parser.add_argument("--jax-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time jaxmerge with JAX's persistent compilation cache")
+                        help="also time jaxmerge with its --compilation_cache (warm)")
     parser.add_argument("--load-check", action=argparse.BooleanOptionalAction, default=True,
                         help="load the outputs in transformers")
     parser.add_argument("--regime", choices=["rl", "sft"], default="rl",

@@ -93,3 +93,20 @@ def test_masks_do_not_depend_on_leaf_order_or_batching():
         np.testing.assert_array_equal(np.asarray(whole[n]), np.asarray(reordered[n]))
     other_seed = jaxmerge.merge(method, base, experts, key=12)
     assert not np.array_equal(np.asarray(whole[names[0]]), np.asarray(other_seed[names[0]]))
+
+
+def test_uniform_bits_are_uniform_and_uncorrelated_between_neighbours():
+    bits = np.asarray(jax.jit(ops.uniform_bits, static_argnums=1)(jax.random.key(5), (256, 512)))
+    assert bits.max() < 2**24
+    # Uniform: chi-square over 64 equal bins (63 dof; 5-sigma bound ≈ 63 + 5·√126).
+    counts = np.bincount(bits.ravel() >> 18, minlength=64)
+    expected = bits.size / 64
+    assert np.sum((counts - expected) ** 2 / expected) < 63 + 5 * np.sqrt(126)
+    u = bits.astype(np.float64) / 2**24 - 0.5
+    bound = 5 / np.sqrt(u.size)
+    for a, b in [(u[:, 1:], u[:, :-1]), (u[1:], u[:-1])]:  # next column, next row
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < bound
+    # A row block starting at row 100 draws exactly rows 100.. of the whole leaf.
+    block = np.asarray(jax.jit(ops.uniform_bits, static_argnums=1)(jax.random.key(5), (20, 512),
+                                                                    100))
+    np.testing.assert_array_equal(block, bits[100:120])
