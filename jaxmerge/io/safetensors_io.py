@@ -69,6 +69,11 @@ def dtype_code(dtype) -> str:
     return code
 
 
+def _row_nbytes(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> int:
+    """Bytes per index of dim 0 of a C-ordered tensor (all of it when 0-d)."""
+    return math.prod(shape[1:]) * dtype.itemsize if shape else nbytes
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: its file, dtype, shape and absolute byte range."""
@@ -83,9 +88,7 @@ class TensorEntry:
     @property
     def row_nbytes(self) -> int:
         """Bytes per index of dim 0 (the whole tensor for a 0-d tensor)."""
-        if not self.shape:
-            return self.nbytes
-        return math.prod(self.shape[1:]) * self.dtype.itemsize
+        return _row_nbytes(self.shape, self.dtype, self.nbytes)
 
 
 # --------------------------------------------------------------------------- reading headers
@@ -440,7 +443,7 @@ class _Slot:
 
     @property
     def row_nbytes(self) -> int:
-        return math.prod(self.shape[1:]) * self.dtype.itemsize if self.shape else self.nbytes
+        return _row_nbytes(self.shape, self.dtype, self.nbytes)
 
 
 def shard_file_name(index: int, count: int) -> str:
