@@ -166,11 +166,6 @@ class Merge(NamedTuple):
     rowwise: Callable[[LeafInfo], bool] = _never
 
 
-def leaf_fn(apply: Callable[[Array, LeafContext], Array], **kwargs) -> Merge:
-    """Wraps a plain ``(x, ctx) -> y`` function as a Merge piece."""
-    return Merge(apply, **kwargs)
-
-
 def _merge_checks(merges) -> Callable[[int], None]:
     def check(num_experts: int) -> None:
         for merge in merges:

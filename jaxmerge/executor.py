@@ -65,13 +65,6 @@ def leaf_keys(key, name: str, num_experts: int):
 
 
 @dataclasses.dataclass
-class Sinks:
-    """Where finished tensors go: ``write(name, array, rows)`` like ShardedWriter."""
-
-    write: callable
-
-
-@dataclasses.dataclass
 class RunReport:
     """Figures of one run."""
 

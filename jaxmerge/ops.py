@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmerge.algebra import LeafContext, Merge, rowwise, stats_pass
+from jaxmerge.algebra import LeafContext, Merge, requires_experts, rowwise, stats_pass
 from jaxmerge.errors import ConfigError
 
 _BINS = 1 << 16
@@ -536,14 +536,10 @@ def slerp_reduce(t: float = 0.5) -> Merge:
         spherical = (jnp.sin((1 - t) * omega) * v0 + jnp.sin(t * omega) * v1) / safe_sin
         return jnp.where(jnp.abs(dot) > 0.9995, lerp, spherical) - base
 
-    def check(num_experts):
-        if num_experts not in (1, 2):
-            raise ConfigError(
-                f"slerp interpolates exactly 2 models (the base and 1 expert, or 2 experts); "
-                f"got {num_experts} experts"
-            )
-
-    return Merge(apply, check=check)
+    return requires_experts(
+        Merge(apply), lambda n: n in (1, 2),
+        "slerp interpolates exactly 2 models (the base and 1 expert, or 2 experts); "
+        "got {n} experts")
 
 
 __all__ = [
@@ -559,6 +555,7 @@ __all__ = [
     "elect_sign",
     "keep_masks",
     "kth_smallest_abs",
+    "rank_at_least",
     "mean",
     "model_stock_reduce",
     "ram_plus_lambdas",
@@ -566,6 +563,7 @@ __all__ = [
     "sum_experts",
     "ties_rank",
     "trim",
+    "uniform_bits",
     "weight_experts",
     "weighted_mean",
 ]
