@@ -234,11 +234,9 @@ ALL_METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", list(ALL_METHODS))
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("method,n", [(m, n) for m in ALL_METHODS for n in (1, 2, 3)
+                                      if not (m == "slerp" and n == 3)])  # slerp: 1 or 2 experts
 def test_zero_task_vectors_give_the_base(method, n):
-    if method == "slerp" and n == 3:
-        pytest.skip("slerp takes 1 or 2 experts")
     base, _, _ = make_models(1, seed=5)
     experts = [dict(base) for _ in range(n)]
     merged = run(ALL_METHODS[method](), base, experts)
