@@ -256,6 +256,8 @@ class Executor:
         """Yields (chunk, arrays) with the next chunk's read running in the background."""
         total = sum(self._chunk_input_bytes(chunk) for chunk in chunks)
         bar = _progress_bar(total, description, self.progress)
+        tensors = len({leaf.name for chunk in chunks for leaf in chunk.leaves})
+        finished: set[str] = set()
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-read") as pool:
             pending = pool.submit(self._read_chunk, chunks[0]) if chunks else None
             for index, chunk in enumerate(chunks):
@@ -267,8 +269,10 @@ class Executor:
                 arrays, nbytes = arrays
                 self.report.bytes_read += nbytes
                 yield chunk, arrays
+                finished.update(leaf.name for leaf in chunk.leaves)
+                bar.set_postfix_str(f"{len(finished)}/{tensors} tensors, {chunk.leaves[-1].name}",
+                                    refresh=False)
                 bar.update(nbytes)
-                bar.set_postfix_str(f"{chunk.leaves[-1].name}", refresh=False)
         bar.close()
 
     def _chunk_input_bytes(self, chunk: _Chunk) -> int:
