@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 
@@ -26,6 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import common  # noqa: E402
 from jaxmerge.io import ShardedWriter  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
@@ -86,15 +85,15 @@ def write_model(directory: pathlib.Path, shapes, seed: int, base_seed: int | Non
     staging.rename(directory)
 
 
-def measure(command: list[str]) -> dict:
-    """Wall time and peak RSS of a child process (os.wait4)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    output = process.stdout.read().decode(errors="replace")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "returncode": os.waitstatus_to_exitcode(status), "output": output[-2000:]}
+def measure(command: list[str], log_path: pathlib.Path) -> dict:
+    """Wall time and peak RSS of a child process, through common.measure's launcher.
+
+    (A child spawned straight from this process would report at least this process's
+    own peak RSS, which includes writing the synthetic checkpoints.)
+    """
+    result = common.measure(command, log_path)
+    return {"seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+            "returncode": result.returncode, "output": common.log_tail(log_path)}
 
 
 def main() -> None:
@@ -127,7 +126,7 @@ def main() -> None:
                    f"--base={base}", f"--experts={','.join(map(str, experts))}",
                    f"--output={output}", "--overwrite", "--progress=false",
                    f"--chunk_memory={args.chunk_memory}"]
-        result = measure(command)
+        result = measure(command, workdir / "logs" / f"{method}.log")
         if result["returncode"] != 0:
             print(result["output"])
             raise SystemExit(f"{method} failed")
