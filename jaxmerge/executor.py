@@ -180,11 +180,15 @@ class Executor:
 
     # -- planning chunks ---------------------------------------------------
 
-    def _leaf_bytes(self, leaf: LeafPlan) -> int:
+    def _input_entries(self, leaf: LeafPlan) -> int:
+        """Entries read for one leaf (or block): base, experts and their extra inputs."""
         count = math.prod(leaf.info.shape) if leaf.info.shape else 1
-        inputs = 1 + len(self.experts) * (1 + len(self.extras))
-        itemsize = np.dtype(leaf.info.dtype).itemsize if leaf.info.dtype != "bfloat16" else 2
-        return count * inputs * (itemsize + 4 * _WORK_FACTOR)
+        return count * (1 + len(self.experts) * (1 + len(self.extras)))
+
+    def _leaf_bytes(self, leaf: LeafPlan) -> int:
+        """Budget estimate: stored inputs plus their float32 working copies."""
+        itemsize = self._dtype_of(leaf, self.base).itemsize
+        return self._input_entries(leaf) * (itemsize + 4 * _WORK_FACTOR)
 
     def _chunks(self, applies=None, only_blocks=False) -> list[_Chunk]:
         """Chunks of same-shape leaves within the budget; oversized leaves of
@@ -276,12 +280,8 @@ class Executor:
         bar.close()
 
     def _chunk_input_bytes(self, chunk: _Chunk) -> int:
-        total = 0
-        for leaf in chunk.leaves:
-            count = math.prod(leaf.info.shape) if leaf.info.shape else 1
-            itemsize = self._dtype_of(leaf, self.base).itemsize
-            total += count * itemsize * (1 + len(self.experts) * (1 + len(self.extras)))
-        return total
+        return sum(self._input_entries(leaf) * self._dtype_of(leaf, self.base).itemsize
+                   for leaf in chunk.leaves)
 
     # -- running -------------------------------------------------------------
 

@@ -78,11 +78,17 @@ def low_bin_counts(abs_values, high_bin):
     return jnp.zeros(_BINS, jnp.int32).at[low].add(inside)
 
 
-def select_bin(counts, rank):
-    """The bin holding the ``rank``-th smallest entry (0-indexed) and the rank inside it."""
-    cumulative = jnp.cumsum(counts)
-    index = jnp.minimum(jnp.sum(cumulative <= rank), counts.shape[0] - 1)
-    return index, rank - (cumulative[index] - counts[index])
+def select_bin(counts, rank, xp=jnp):
+    """The bin holding the ``rank``-th smallest entry (0-indexed) and the rank inside it.
+
+    ``counts`` is ``[..., bins]`` with one ``rank`` per leading index; ``xp=np`` runs
+    the same selection on the host in 64-bit for the statistics passes.
+    """
+    rank = xp.asarray(rank)
+    cumulative = xp.cumsum(counts, axis=-1)
+    index = xp.minimum(xp.sum(cumulative <= rank[..., None], axis=-1), counts.shape[-1] - 1)
+    below = xp.take_along_axis(cumulative - counts, index[..., None], axis=-1)[..., 0]
+    return index, rank - below
 
 
 def bits_to_value(high_bin, low_bin):
@@ -170,11 +176,9 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
         if rank is None:
             return {"keep_all": np.bool_(True), "high": np.zeros(experts, np.int32),
                     "rank": np.zeros(experts, np.float64)}
-        cumulative = np.cumsum(total, axis=1)
-        high = (cumulative <= rank).sum(axis=1)
-        before = cumulative[np.arange(experts), high] - total[np.arange(experts), high]
+        high, inner_rank = select_bin(total, np.full(experts, rank, np.int64), xp=np)
         return {"keep_all": np.bool_(False), "high": high.astype(np.int32),
-                "rank": (rank - before).astype(np.float64)}
+                "rank": inner_rank.astype(np.float64)}
 
     high_pass = stats_pass(high_partial, high_finalize, f"{label} (1/2)", per_leaf)
 
@@ -186,8 +190,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
         first = stats[high_pass.id]
         if first["keep_all"]:
             return np.zeros(len(first["high"]), np.float32)
-        total = np.asarray(total, np.int64)
-        low = (np.cumsum(total, axis=1) <= first["rank"][:, None]).sum(axis=1)
+        low, _ = select_bin(np.asarray(total, np.int64), first["rank"].astype(np.int64), xp=np)
         bits = (first["high"].astype(np.uint32) << 16) | low.astype(np.uint32)
         return bits.astype(np.uint32).view(np.float32)
 
@@ -431,6 +434,7 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
 
     counts_pass = stats_pass(partial, finalize, f"RAM+ shared/unique counts ({scope})",
                              per_leaf=scope == "per_tensor")
+
     def apply(x, ctx):
         if counts_pass.id in ctx.stats:
             return boosted(x, jnp.asarray(ctx.stats[counts_pass.id]))
