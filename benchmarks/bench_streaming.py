@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--gigabytes", type=float, default=1.0, help="size of each model")
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--methods", default="task_arithmetic,ties,dare_ties")
-    parser.add_argument("--chunk_memory", default="256MB")
+    parser.add_argument("--chunk_memory", default="64MiB")
     parser.add_argument("--workdir", default="bench_out/streaming")
     args = parser.parse_args()
 

@@ -4,16 +4,22 @@ Checkpoints become pytrees; every method is a pure, jitted, vmapped function of
 one leaf's stacked task vectors, composed from a few combinators::
 
     import jaxmerge
-    from jaxmerge import ops
+    from jaxmerge import ops, spectral
 
     my_ties = jaxmerge.chain(ops.trim(0.2), ops.elect_sign(), ops.disjoint_mean(),
                              jaxmerge.scale(1.0))
     merged = jaxmerge.merge(my_ties, base_params, [expert_a, expert_b])
 
+    # ResMerge without its head correction (the paper's "SRC-A w/o head" row):
+    src_a_only = jaxmerge.route(
+        {jaxmerge.matrix: jaxmerge.chain(spectral.spectral_split(), spectral.residual(),
+                                         spectral.src_a())},
+        default=ops.mean())
+
 See ``jaxmerge.methods`` for the built-in methods and METHODS.md for their math.
 """
 
-from jaxmerge import ops
+from jaxmerge import linalg, ops, spectral
 from jaxmerge.algebra import (
     LeafContext,
     Merge,
@@ -40,16 +46,22 @@ from jaxmerge.methods import (
     REGISTRY,
     breadcrumbs,
     breadcrumbs_ties,
+    calibrate,
     dare_linear,
     dare_ties,
     della,
+    iso_c,
+    iso_cts,
     linear,
     model_stock,
     ram,
     ram_plus,
+    resmerge,
     slerp,
+    star,
     task_arithmetic,
     ties,
+    tsv,
 )
 from jaxmerge.version import __version__
 
@@ -69,13 +81,17 @@ __all__ = (
     "add",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "calibrate",
     "chain",
     "dare_linear",
     "dare_ties",
     "della",
     "everything",
     "family",
+    "iso_c",
+    "iso_cts",
     "layers",
+    "linalg",
     "linear",
     "matrix",
     "merge",
@@ -87,11 +103,15 @@ __all__ = (
     "ram",
     "ram_plus",
     "requires_experts",
+    "resmerge",
     "route",
     "rowwise",
     "scale",
     "slerp",
+    "spectral",
+    "star",
     "stats_pass",
     "task_arithmetic",
     "ties",
+    "tsv",
 )

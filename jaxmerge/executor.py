@@ -28,14 +28,19 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxmerge.algebra import LeafContext, Merge, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
-"""Default memory budget for one chunk of stacked inputs and their float32 work arrays."""
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+"""Default memory budget for one chunk of stacked inputs and their float32 work arrays.
+
+Small on purpose: on CPU, 64 MiB chunks merged SmolLM2 + 3 experts 1.3–1.5× faster
+than 256 MiB ones (cache locality, fewer fresh pages); the batch is still wide
+enough to amortise dispatch."""
 
 _WORK_FACTOR = 3
 """float32 working copies a leaf function holds per input, for the budget estimate."""
@@ -94,28 +99,34 @@ _IN_AXES = (None, 0, 0, 0, 0, 0, None, 0)
 per-leaf stats): everything but the key and the whole-model statistics is per leaf."""
 
 
-def _finite_flags(ctx: LeafContext):
+def _finite_flags(base, experts, extras):
     """[1 + N + N·E] bools: base, each expert, each extra input finite?
 
-    An expert is finite iff its task vector is (given a finite base), and Σ 0·x is
-    NaN exactly when x has a NaN or infinite entry: one fused reduction each.
-    (A max-reduction is cheaper, but vectorised max does not reliably keep NaN.)
+    Checked on the stored values, before any arithmetic: Σ 0·x is NaN exactly
+    when x has a NaN or infinite entry, one fused reduction per input. (Checking
+    the float32 task vectors instead made XLA:CPU re-materialise them, ~5 ms per
+    SmolLM2 MLP leaf; a max-reduction does not reliably keep NaN.)
     """
 
     def finite_rows(x):
-        return jnp.isfinite(jnp.sum((x * 0.0).reshape(x.shape[0], -1), axis=1))
+        return jnp.isfinite(jnp.sum((x.astype(jnp.float32) * 0.0).reshape(x.shape[0], -1),
+                                    axis=1))
 
-    flags = [finite_rows(ctx.base[None]), finite_rows(ctx.taus)]
-    flags += [finite_rows(value) for value in ctx.extras.values()]
+    flags = [finite_rows(base[None]), finite_rows(experts)]
+    flags += [finite_rows(value) for value in extras.values()]
     return jnp.concatenate(flags)
 
 
 def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
     def one(*args):
+        # Flags first, then a barrier: without it XLA:CPU fuses the flag reductions
+        # with the merge's elementwise work into one loop nest that runs ~20× slower
+        # (measured: 4.8 ms vs 0.9 ms per 3 × 1536 × 576 leaf for a plain mean).
+        flags = _finite_flags(*args[3:6])
+        flags, args = lax.optimization_barrier((flags, args))
         ctx = _leaf_context(info, *args)
         delta = merge.apply(ctx.taus, ctx)
-        merged = (ctx.base + delta).astype(out_dtype)
-        return merged, _finite_flags(ctx)
+        return (ctx.base + delta).astype(out_dtype), flags
 
     return jax.jit(jax.vmap(one, in_axes=_IN_AXES))
 

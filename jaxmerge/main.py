@@ -60,7 +60,8 @@ _BASE = flags.DEFINE_string("base", None, "Base model directory (Hugging Face sa
 _EXPERTS = flags.DEFINE_list("experts", None, "Comma-separated fine-tuned model directories.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory to create.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "λ: multiplies the merged task vector (task_arithmetic, "
-                            "ties, dare_*, breadcrumbs*, della).")
+                            "ties, dare_*, breadcrumbs*, della); the α of tsv, iso_c, "
+                            "iso_cts.")
 _WEIGHTS = flags.DEFINE_list("weights", None, "Per-expert weights, comma-separated (linear, "
                              "task_arithmetic). Default: all 1.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
@@ -73,7 +74,7 @@ _FORMAT = flags.DEFINE_enum("format", "safetensors", ["safetensors", "orbax"],
                             "in OUTPUT/params (plus config and tokenizer).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 _CHUNK_MEMORY = flags.DEFINE_string(
-    "chunk_memory", "256MB",
+    "chunk_memory", "64MiB",
     "Memory budget of one batched chunk of same-shape tensors (inputs + float32 work).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -83,7 +84,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 _DEMO = flags.DEFINE_bool(
     "demo", False,
     "Build the real SmolLM2-135M-Instruct base and 3 derived RL-style experts in --demo_dir "
-    "(needs the 'demo' extra), then merge them (method: --method, default ties).")
+    "(needs the 'demo' extra), then merge them (method: --method, default resmerge).")
 _DEMO_DIR = flags.DEFINE_string("demo_dir", "jaxmerge-demo", "Where --demo builds and merges.")
 
 # Method hyperparameters: each default is the METHODS.md default.
@@ -110,7 +111,43 @@ _HYPER = {
     "ram_alpha": flags.DEFINE_float("ram_alpha", 2.0, "RAM+: clip of the shared/unique ratio."),
     "ram_scope": flags.DEFINE_enum("ram_scope", "global", ["global", "per_tensor"],
                                    "RAM+: count shared/unique over the model or per tensor."),
+    "head_rank": flags.DEFINE_integer("head_rank", 1, "ResMerge: rank k of the spectral head "
+                                      "H_t (top-k SVD part of each task matrix)."),
+    "beta_min": flags.DEFINE_float("beta_min", 0.7, "ResMerge SRC-A: smallest retention "
+                                   "exponent β (reached at score 1)."),
+    "beta_max": flags.DEFINE_float("beta_max", 1.0, "ResMerge SRC-A: largest retention "
+                                   "exponent β (score 0)."),
+    "rho_max": flags.DEFINE_float("rho_max", 0.2, "ResMerge LHC: head budget, ‖C‖ <= rho_max·‖A‖."),
+    "attention_score_scale": flags.DEFINE_float("attention_score_scale", 1.0,
+                                                "ResMerge SRC-A: family scale φ of attention "
+                                                "matrices."),
+    "ffn_score_scale": flags.DEFINE_float("ffn_score_scale", 0.25, "ResMerge SRC-A: family scale "
+                                          "φ of FFN matrices (1.0 = the released code's HEAD)."),
+    "other_score_scale": flags.DEFINE_float("other_score_scale", 0.0, "ResMerge SRC-A: family "
+                                            "scale φ of other matrices."),
+    "score_map": flags.DEFINE_enum("score_map", "affine", ["affine", "ramp"],
+                                   "ResMerge SRC-A score map: affine (x+1)/2 (paper) or the "
+                                   "thresholded ramps of the v1 code."),
+    "head_gate": flags.DEFINE_enum("head_gate", "positive_mean", ["positive_mean", "mean", "none"],
+                                   "ResMerge LHC agreement gate: mean positive head cosine "
+                                   "(paper), max(0, mean cosine) (v1 option), or none "
+                                   "(ungated ablation)."),
+    "svd": flags.DEFINE_enum("svd", "auto", ["auto", "randomized", "exact"],
+                             "Top-k SVD for resmerge heads and tsv/iso_cts truncations: auto "
+                             "(randomised subspace iteration with an exact fallback where it "
+                             "pays), randomized (always try it first) or exact."),
+    "common_fraction": flags.DEFINE_float("common_fraction", 0.8, "ISO-CTS: share f of the rank "
+                                          "given to the common subspace."),
+    "star_eta": flags.DEFINE_float("star_eta", 40.0, "STAR: percent η of the nuclear norm the "
+                                   "kept singular values must reach."),
 }
+
+_CALIBRATE = flags.DEFINE_enum("calibrate", "none", list(methods.CALIBRATIONS),
+                               "Post-hoc calibration of any method or recipe: svc rescales each "
+                               "singular value of the merged matrices by the experts' response "
+                               "(SVC, METHODS.md §3).")
+_SVC_FLOOR = flags.DEFINE_float("svc_floor", 0.1, "SVC calibration floor α_c (0.1 for TA/TIES/"
+                                "DARE merges).")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -199,7 +236,7 @@ def run(argv) -> int:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _METHOD.value and _RECIPE.value:
         raise ConfigError("give --method or --recipe, not both")
-    method = _METHOD.value or ("ties" if _DEMO.value and not _RECIPE.value else None)
+    method = _METHOD.value or ("resmerge" if _DEMO.value and not _RECIPE.value else None)
     if not method and not _RECIPE.value:
         raise ConfigError("--method (or --recipe) is required; see --help for the methods")
     if _DEMO.value:
@@ -220,6 +257,9 @@ def run(argv) -> int:
         name = method
         if _WEIGHTS.value is not None:
             hyper["weights"] = _weights()
+    if _CALIBRATE.value != "none":
+        merge = methods.calibrate(merge, _CALIBRATE.value, _SVC_FLOOR.value)
+        hyper.update(calibrate=_CALIBRATE.value, svc_floor=_SVC_FLOOR.value)
     enable_compilation_cache(_COMPILATION_CACHE.value)
     result = merge_checkpoints(
         merge, base, experts, output,

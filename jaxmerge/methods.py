@@ -2,7 +2,7 @@
 
 Every factory returns a :class:`~jaxmerge.algebra.Merge` whose result is the
 merged task vector Δ (θ = θ₀ + Δ). Formulas and defaults: ``METHODS.md`` §1, §2,
-§5. ``REGISTRY`` maps CLI method names to factories and to the command-line flags
+§3, §4, §5. ``REGISTRY`` maps CLI method names to factories and to the command-line flags
 that set their hyperparameters.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from jaxmerge import ops
-from jaxmerge.algebra import Merge, chain, scale
+from jaxmerge import ops, spectral
+from jaxmerge.algebra import Merge, chain, matrix, route, scale
 from jaxmerge.errors import ConfigError
 
 
@@ -117,6 +117,66 @@ def ram_plus(epsilon: float = 1e-5, r: float = 0.1, alpha: float = 2.0,
     return chain(ops.active(epsilon), ops.boost_unique(r, alpha, scope), ops.disjoint_mean())
 
 
+def resmerge(head_rank: int = 1, beta_min: float = 0.7, beta_max: float = 1.0,
+             rho_max: float = 0.2, attention_score_scale: float = 1.0,
+             ffn_score_scale: float = 0.25, other_score_scale: float = 0.0,
+             score_map: str = "affine", gate: str = "positive_mean", svd: str = "auto") -> Merge:
+    """ResMerge (METHODS.md §4): residual backbone by SRC-A plus a gated leading-head correction.
+
+    Matrix leaves: τ_t = H_t + R_t (top-``head_rank`` SVD head), Δ = A + C with A =
+    SRC-A of the residuals and C = LHC of the heads; other leaves: Δ = mean τ_t.
+    Defaults are the paper's (k = 1, β ∈ [0.7, 1.0], ρ_max = 0.2, φ = 1.0 / 0.25 / 0.0
+    for attention / ffn / other). ``ffn_score_scale=1.0`` is the released code's
+    HEAD, ``score_map='ramp'`` its v1; ``gate='none'`` the ungated ablation.
+    ``svd``: top-k SVD mode (``auto``: randomised with exact fallback).
+    """
+    backbone = spectral.src_a(beta_min, beta_max, attention_score_scale, ffn_score_scale,
+                              other_score_scale, score_map)
+    leaf = chain(spectral.spectral_split(head_rank, svd), spectral.lhc(backbone, rho_max, gate))
+    return route({matrix: leaf}, default=ops.mean())
+
+
+def _spectral_baseline(reduction: Merge, scale_factor: float) -> Merge:
+    """Matrix leaves by ``reduction``, others by the mean; then × α (METHODS.md §3)."""
+    return chain(route({matrix: reduction}, default=ops.mean()), scale(scale_factor))
+
+
+def tsv(scale_factor: float = 1.0, svd: str = "auto") -> Merge:
+    """TSV-Merge (Gargiulo et al. 2025): per-task top-⌊r/N⌋ singular triplets, decorrelated
+    by the polar factors of their concatenations; α = 1.0 (METHODS.md §3)."""
+    return _spectral_baseline(spectral.tsv(svd), scale_factor)
+
+
+def iso_c(scale_factor: float = 1.0) -> Merge:
+    """ISO-C (Marczak et al. 2025): the spectrum of Σ_t τ_t flattened to its mean; α = 1.0."""
+    return _spectral_baseline(spectral.iso_c(), scale_factor)
+
+
+def iso_cts(scale_factor: float = 1.0, common_fraction: float = 0.8, svd: str = "auto") -> Merge:
+    """ISO-CTS (Marczak et al. 2025): ISO-C on a common subspace (f = 0.8 of the rank) plus
+    task-specific directions; α = 1.0 (METHODS.md §3)."""
+    return _spectral_baseline(spectral.iso_cts(common_fraction, svd), scale_factor)
+
+
+def star(eta: float = 40.0) -> Merge:
+    """STAR (Lee et al. 2025): per-task spectral truncation to η = 40 % of the nuclear norm,
+    rescaled, then averaged; non-matrix leaves by the mean (METHODS.md §3)."""
+    return route({matrix: spectral.star(eta)}, default=ops.mean())
+
+
+CALIBRATIONS = ("none", "svc")
+"""Post-hoc calibrations the CLI can wrap around any method (``--calibrate``)."""
+
+
+def calibrate(merge: Merge, calibration: str = "none", svc_floor: float = 0.1) -> Merge:
+    """Wraps ``merge`` in a post-hoc calibration: ``none`` or ``svc`` (METHODS.md §3)."""
+    if calibration == "none":
+        return merge
+    if calibration == "svc":
+        return spectral.svc(merge, svc_floor)
+    raise ConfigError(f"calibrate must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """A named method for the command line.
@@ -164,6 +224,23 @@ REGISTRY: dict[str, MethodSpec] = {
     "ram_plus": MethodSpec(ram_plus, {"ram_epsilon": "epsilon", "ram_r": "r",
                                       "ram_alpha": "alpha", "ram_scope": "scope"},
                            "RAM+: RAM with overlap-aware rescaling of unique deltas"),
+    "resmerge": MethodSpec(resmerge, {"head_rank": "head_rank", "beta_min": "beta_min",
+                                      "beta_max": "beta_max", "rho_max": "rho_max",
+                                      "attention_score_scale": "attention_score_scale",
+                                      "ffn_score_scale": "ffn_score_scale",
+                                      "other_score_scale": "other_score_scale",
+                                      "score_map": "score_map", "head_gate": "gate",
+                                      "svd": "svd"},
+                           "ResMerge: SRC-A residual backbone + gated leading-head correction"),
+    "tsv": MethodSpec(tsv, {"scale": "scale_factor", "svd": "svd"},
+                      "TSV-Merge: decorrelated per-task singular vectors"),
+    "iso_c": MethodSpec(iso_c, {"scale": "scale_factor"},
+                        "ISO-C: flat spectrum on the common subspace of Σ τ"),
+    "iso_cts": MethodSpec(iso_cts, {"scale": "scale_factor", "common_fraction": "common_fraction",
+                                    "svd": "svd"},
+                          "ISO-CTS: ISO-C on common + task-specific subspaces"),
+    "star": MethodSpec(star, {"star_eta": "eta"},
+                       "STAR: per-task spectral truncation and rescale, then mean"),
 }
 """CLI method name -> MethodSpec."""
 

@@ -42,6 +42,24 @@ def _per_expert(fn, x):
     return jax.lax.map(fn, x)
 
 
+def expert_sum(x):
+    """Σ_t x_t over the leading expert axis of ``x: [N, *shape]``, written as N − 1 adds.
+
+    Same value as ``jnp.sum(x, axis=0)`` (same order), but XLA:CPU compiles a
+    reduction over the major axis of a fused operand ~10–100× slower than the
+    unrolled adds (measured on jaxlib 0.10: 36 ms vs 0.3 ms for 3 × 1536 × 576).
+    """
+    total = x[0]
+    for t in range(1, x.shape[0]):
+        total = total + x[t]
+    return total
+
+
+def expert_count(mask):
+    """#{t : mask_t} per entry (``int32``) for a boolean ``mask: bool[N, *shape]``."""
+    return expert_sum(mask.astype(jnp.int32))
+
+
 def _flat(x):
     """[N, *shape] -> [N, size]."""
     return x.reshape(x.shape[0], -1)
@@ -220,7 +238,7 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
         raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
 
     def partial(x, ctx):
-        return jnp.sum(jnp.sign(jnp.sum(x, axis=0)).astype(jnp.int32))
+        return jnp.sum(jnp.sign(expert_sum(x)).astype(jnp.int32))
 
     def finalize(total, stats):
         return np.float32(np.sign(np.asarray(total, np.int64)))
@@ -229,7 +247,7 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
                                per_leaf=scope == "per_tensor")
 
     def apply(x, ctx):
-        g = jnp.sign(jnp.sum(x, axis=0))
+        g = jnp.sign(expert_sum(x))
         if majority_pass.id in ctx.stats:
             majority = jnp.asarray(ctx.stats[majority_pass.id])
         else:  # a whole leaf: its own majority
@@ -403,7 +421,7 @@ def ram_plus_lambdas(shared, unique, rate, alpha, xp=jnp):
 def _shared_unique_counts(x):
     """Per expert: (# active entries shared with another expert, # unique to it)."""
     is_active = x != 0
-    count = jnp.sum(is_active, axis=0)
+    count = expert_count(is_active)
     shared = jnp.sum(_flat(is_active & (count >= 2)), axis=1)
     unique = jnp.sum(_flat(is_active & (count == 1)), axis=1)
     return shared.astype(jnp.int32), unique.astype(jnp.int32)
@@ -422,7 +440,7 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
         raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
 
     def boosted(x, lambdas):
-        unique = (x != 0) & (jnp.sum(x != 0, axis=0) == 1)
+        unique = (x != 0) & (expert_count(x != 0) == 1)
         return jnp.where(unique, x * _expand(lambdas, x), x)
 
     def partial(x, ctx):
@@ -449,12 +467,12 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
 
 def mean() -> Merge:
     """Δ = (1/N) Σ_t x_t."""
-    return rowwise(lambda x, ctx: jnp.mean(x, axis=0))
+    return rowwise(lambda x, ctx: expert_sum(x) / jnp.float32(x.shape[0]))
 
 
 def sum_experts() -> Merge:
     """Δ = Σ_t x_t."""
-    return rowwise(lambda x, ctx: jnp.sum(x, axis=0))
+    return rowwise(lambda x, ctx: expert_sum(x))
 
 
 def weighted_mean(weights=None) -> Merge:
@@ -463,7 +481,7 @@ def weighted_mean(weights=None) -> Merge:
     def apply(x, ctx):
         w = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(
             weights, jnp.float32)
-        return jnp.sum(x * _expand(w, x), axis=0) / jnp.sum(w)
+        return expert_sum(x * _expand(w, x)) / jnp.sum(w)
 
     merge = rowwise(apply)
     if weights is not None:
@@ -481,8 +499,8 @@ def disjoint_mean() -> Merge:
     """
 
     def apply(x, ctx):
-        count = jnp.sum(x != 0, axis=0).astype(jnp.float32)
-        return jnp.sum(x, axis=0) / jnp.maximum(count, 1.0)
+        count = expert_count(x != 0).astype(jnp.float32)
+        return expert_sum(x) / jnp.maximum(count, 1.0)
 
     return rowwise(apply)
 
@@ -511,7 +529,7 @@ def model_stock_reduce() -> Merge:
         denominator = 1.0 + (n - 1) * cos
         ratio = jnp.where(denominator > 0, n * cos / jnp.where(denominator > 0, denominator,
                                                                1.0), 0.0)
-        return jnp.clip(ratio, 0.0, 1.0) * jnp.mean(x, axis=0)
+        return jnp.clip(ratio, 0.0, 1.0) * (expert_sum(x) / jnp.float32(n))
 
     return Merge(apply)
 
@@ -557,6 +575,8 @@ __all__ = [
     "della_mask",
     "disjoint_mean",
     "elect_sign",
+    "expert_count",
+    "expert_sum",
     "keep_masks",
     "kth_smallest_abs",
     "rank_at_least",

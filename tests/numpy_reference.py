@@ -1,8 +1,9 @@
 """Independent float64 NumPy reference implementation of the merge methods in METHODS.md.
 
 This module is the golden-value oracle for the ``jaxmerge`` tests. It deliberately imports nothing
-from ``jaxmerge``: it is written from ``METHODS.md`` (§0, §1, §2, §5) alone, with the edge-case
-notes of ``reference/baselines-notes.md`` where METHODS.md is silent.
+from ``jaxmerge``: it is written from ``METHODS.md`` (§0, §1, §2, §3, §4, §5) alone, with the
+edge-case notes of ``reference/baselines-notes.md`` and ``reference/resmerge-release-notes.md``
+where METHODS.md is silent.
 
 Conventions (shared by every function):
 
@@ -14,12 +15,16 @@ Conventions (shared by every function):
 - All math is float64, whatever dtype is passed in (``np.asarray(x, np.float64)``).
 - Random methods (DARE family, DELLA) take their keep masks explicitly, so the tests can feed in
   the masks the library drew and compare the deterministic remainder exactly.
+- Spectral methods (§3 TSV / ISO / STAR / SVC, §4 ResMerge) act on matrix leaves only: ``taus``
+  is ``[N, m, n]``. Every SVD is ``numpy.linalg.svd(full_matrices=False)`` (exact, thin). Their
+  non-matrix rules are separate functions (``spectral_nonmatrix``, ``resmerge_nonmatrix``).
 
 Clarity over speed: the arrays in the tests are small, so plain loops are used where they make the
 math obvious.
 """
 
 import math
+from fractions import Fraction
 
 import numpy as np
 
@@ -27,6 +32,10 @@ COS_EPS = 1e-8  # §0: cos(a, b) = <a, b> / (|a||b| + 1e-8)
 SLERP_NORM_EPS = 1e-8  # §1 slerp: leave v unnormalised if |v| <= 1e-8
 SLERP_DOT_THRESHOLD = 0.9995  # §1 slerp: |d| > 0.9995 -> lerp
 RAM_EPS = 1e-5  # §5: active mask |tau| > 1e-5 (strict)
+SPECTRAL_ZERO_EPS = 1e-8  # §3 tsv (and the iso_cts task mask): |τ_t| <= 1e-8 -> slots stay zero
+SRC_EPS = 1e-8  # §4 step 2: SRC-A eps
+LHC_EPS = 1e-8  # §4 step 3: heads with |H_t| > 1e-8 are kept; |A|, |H̄| > 1e-8 for C != 0
+SVC_DENOM_FLOOR = 1e-12  # §3 svc: max(|u_jᵀ τ_t|², 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,3 +503,580 @@ def ram_plus(list_of_taus, eps=RAM_EPS, r=0.1, alpha=2.0):
             delta = np.where(owner, lambdas[t] * x[t], delta)
         deltas.append(delta)
     return deltas
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 / §4 shared linear algebra (matrix leaves)
+# ---------------------------------------------------------------------------------------------
+#
+# Note on uniqueness. The thin SVD is unique only up to (a) signs of paired singular vectors,
+# (b) rotations inside a repeated singular value, and (c) the choice of basis for the ZERO singular
+# values of a rank-deficient matrix. Everything below is invariant under (a). It is NOT invariant
+# under (b) and (c) wherever the spec itself uses those vectors with a nonzero weight:
+# ``iso_c`` / ``iso_cts`` (σ̄ multiplies every one of the r directions), ``polar`` of a
+# rank-deficient matrix (the completion of P Qᵀ), the TSV / ISO-CTS top-k blocks of a task whose
+# rank is below k (its zero-σ vectors enter polar()), ``svc`` with repeated σ of the merged
+# matrix, and the ResMerge head when σ_k = σ_{k+1}. In those cases any two correct
+# implementations can differ; what stays fixed is documented per function (e.g. the singular
+# values of the ``tsv`` / ``iso_*`` output). Compare values only on well-posed inputs (full rank,
+# distinct singular values) and compare the invariants otherwise.
+
+
+def _as_matrix_taus(taus):
+    """Cast a stack of matrix task vectors ``[N, m, n]`` to float64 (matrix leaves only)."""
+    taus = _as_taus(taus)
+    if taus.ndim != 3:
+        raise ValueError("spectral methods take matrix leaves: taus must have shape [N, m, n]")
+    return taus
+
+
+def _as_matrix(a):
+    a = _f64(a)
+    if a.ndim != 2:
+        raise ValueError("expected a 2-D matrix")
+    return a
+
+
+def _thin_svd(a):
+    """Thin SVD a = U diag(s) Vt, s descending (``numpy.linalg.svd(full_matrices=False)``)."""
+    return np.linalg.svd(_as_matrix(a), full_matrices=False)
+
+
+def _sequential_sum(values):
+    """Σ values, added left to right (so it equals the last partial sum of the same loop)."""
+    total = 0.0
+    for v in values:
+        total += float(v)
+    return total
+
+
+def polar(a):
+    """polar(A) = P Qᵀ from the thin SVD A = P diag(s) Qᵀ (METHODS.md §0).
+
+    For an m×n matrix the result is m×n with orthonormal columns (m >= n) or orthonormal rows
+    (m < n), whatever the rank of A. For a rank-deficient A the part of P Qᵀ on the zero singular
+    values depends on the SVD's basis choice (see the note above).
+    """
+    p, _, qt = _thin_svd(a)
+    return p @ qt
+
+
+def spectral_nonmatrix(taus, alpha=1.0):
+    """Non-matrix rule of TSV / ISO-C / ISO-CTS (and STAR): Δ = α · (1/N) Σ_t τ_t (§3)."""
+    taus = _as_taus(taus)
+    return float(alpha) * np.mean(taus, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# §4 ResMerge
+# ---------------------------------------------------------------------------------------------
+
+
+def spectral_split(tau, k=1):
+    """Head / residual split of one task matrix (METHODS.md §4 step 1).
+
+    H = Σ_{i < min(k, r)} s_i u_i v_iᵀ (top-k SVD part), R = τ − H. ‖τ‖ == 0 (exactly) gives
+    H = R = 0. Returns (H, R). H is sign-invariant; it is not unique when s_k = s_{k+1} > 0.
+    """
+    tau = _as_matrix(tau)
+    k = int(k)
+    if k < 1:
+        raise ValueError("head rank k must be >= 1")
+    if float(np.linalg.norm(tau)) == 0.0:
+        return np.zeros_like(tau), np.zeros_like(tau)
+    u, s, vt = _thin_svd(tau)
+    kk = min(k, s.shape[0])
+    head = (u[:, :kk] * s[:kk]) @ vt[:kk, :]
+    return head, tau - head
+
+
+def _family_scale(family, attention_score_scale, ffn_score_scale, other_score_scale):
+    """φ_family: attention / ffn / anything else -> the ``other`` scale (METHODS.md §4 step 2)."""
+    if family == "attention":
+        return float(attention_score_scale)
+    if family == "ffn":
+        return float(ffn_score_scale)
+    return float(other_score_scale)
+
+
+def _clamp01(x):
+    return min(1.0, max(0.0, float(x)))
+
+
+def _pairs(n):
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def src_a_details(
+    residuals,
+    family="attention",
+    beta_min=0.7,
+    beta_max=1.0,
+    attention_score_scale=1.0,
+    ffn_score_scale=0.25,
+    other_score_scale=0.0,
+    score_map="affine",
+    pair_threshold=0.03,
+    pair_ref=0.05,
+    coherence_ref=0.60,
+    eps=SRC_EPS,
+):
+    """SRC-A backbone and its intermediate scalars: returns ``(A, info)``.
+
+    ``info`` holds ``norms`` (n_t), ``phi``, ``s_R``, ``c_R`` (``c`` for the ramp map), the mapped
+    scores (``s_bar``/``c_bar`` or ``pair_score``/``coh_score``), ``score`` (ρ), ``beta``,
+    ``alpha_R`` = c^β, ``n_bar`` and ``case``: ``"zero"`` (max n_t <= eps -> A = 0),
+    ``"q_sum_zero"`` (affine: ‖Q‖ <= eps -> mean residual), ``"zero_coherence"`` (ramp:
+    c <= eps -> A = 0), ``"fallback"`` (affine: c_R <= 1/√N -> mean residual) or ``"src"``.
+    Scalars that the branch taken never computes are ``None``. See ``src_a`` for the math.
+    """
+    residuals = _as_taus(residuals)
+    n_exp = residuals.shape[0]
+    eps = float(eps)
+    beta_min = float(beta_min)
+    beta_max = float(beta_max)
+    phi = _family_scale(family, attention_score_scale, ffn_score_scale, other_score_scale)
+    if score_map not in ("affine", "ramp"):
+        raise ValueError(f"unknown score_map {score_map!r}")
+
+    norms = np.array([float(np.linalg.norm(residuals[t])) for t in range(n_exp)])
+    info = {
+        "norms": norms,
+        "phi": phi,
+        "s_R": None,
+        "c_R": None,
+        "s_bar": None,
+        "c_bar": None,
+        "pair_score": None,
+        "coh_score": None,
+        "score": None,
+        "beta": None,
+        "alpha_R": None,
+        "n_bar": float(np.mean(norms)),
+        "case": None,
+    }
+    mean_residual = np.mean(residuals, axis=0)
+
+    # Step 2.1 (both maps): no residual at all -> A = 0.
+    if float(np.max(norms)) <= eps:
+        info["case"] = "zero"
+        return np.zeros(residuals.shape[1:]), info
+
+    if score_map == "affine":
+        # v2 (HEAD), METHODS.md §4 step 2.
+        q = [residuals[t] / (norms[t] + eps) for t in range(n_exp)]
+        if n_exp == 1:
+            s_r = 1.0
+        else:
+            s_r = float(np.mean([cos(q[i], q[j]) for i, j in _pairs(n_exp)]))
+        info["s_R"] = s_r
+        q_sum = np.sum(q, axis=0)
+        q_sum_norm = float(np.linalg.norm(q_sum))
+        if q_sum_norm <= eps:
+            info["case"] = "q_sum_zero"
+            return mean_residual, info
+        q_src = q_sum / (q_sum_norm + eps)
+        c_r = _clamp01(np.mean([cos(q[t], q_src) for t in range(n_exp)]))
+        s_bar = _clamp01((s_r + 1.0) / 2.0)
+        c_bar = _clamp01((c_r + 1.0) / 2.0)
+        score = _clamp01(0.5 * (s_bar + c_bar) * phi)
+        beta = beta_max - (beta_max - beta_min) * score
+        info.update(c_R=c_r, s_bar=s_bar, c_bar=c_bar, score=score, beta=beta)
+        if c_r <= 1.0 / math.sqrt(n_exp):
+            info["case"] = "fallback"
+            return mean_residual, info
+        alpha_r = c_r**beta
+        info.update(alpha_R=alpha_r, case="src")
+        return alpha_r * info["n_bar"] * q_src, info
+
+    # score_map == "ramp": v1 (the code released with the paper), end of METHODS.md §4 and
+    # resmerge-release-notes §1.4.
+    q = [residuals[t] / max(norms[t], eps) for t in range(n_exp)]
+    if n_exp == 1:
+        s_r = 1.0
+    else:
+        s_r = float(np.mean([float(np.dot(q[i].ravel(), q[j].ravel())) for i, j in _pairs(n_exp)]))
+    info["s_R"] = s_r
+    q_mean = np.mean(q, axis=0)
+    c = float(np.linalg.norm(q_mean))
+    info["c_R"] = c
+    if c <= eps:
+        info["case"] = "zero_coherence"
+        return np.zeros(residuals.shape[1:]), info
+    direction = q_mean / c
+    inv_sqrt_n = 1.0 / math.sqrt(n_exp)
+    pair_threshold = float(pair_threshold)
+    pair_ref_eff = max(float(pair_ref), pair_threshold + eps)
+    coherence_ref_eff = max(float(coherence_ref), inv_sqrt_n + eps)
+    pair_score = _clamp01((s_r - pair_threshold) / (pair_ref_eff - pair_threshold))
+    coh_score = _clamp01((c - inv_sqrt_n) / (coherence_ref_eff - inv_sqrt_n))
+    score = _clamp01(0.5 * (pair_score + coh_score) * phi)
+    beta = beta_max - (beta_max - beta_min) * score
+    alpha_r = c**beta
+    info.update(pair_score=pair_score, coh_score=coh_score, score=score, beta=beta)
+    info.update(alpha_R=alpha_r, case="src")
+    return direction * alpha_r * info["n_bar"], info
+
+
+def src_a(
+    residuals,
+    family="attention",
+    beta_min=0.7,
+    beta_max=1.0,
+    attention_score_scale=1.0,
+    ffn_score_scale=0.25,
+    other_score_scale=0.0,
+    score_map="affine",
+    pair_threshold=0.03,
+    pair_ref=0.05,
+    coherence_ref=0.60,
+    eps=SRC_EPS,
+):
+    """SRC-A backbone A of the residuals ``[N, m, n]`` (METHODS.md §4 step 2).
+
+    ``score_map="affine"`` (house default, v2 code):
+      n_t = ‖R_t‖; max n_t <= eps -> A = 0. q_t = R_t / (n_t + eps) (a zero residual gives q_t = 0
+      and still counts in N). s_R = mean over pairs t < u of cos(q_t, q_u) (§0 cos, signed);
+      s_R = 1 if N = 1. Q = Σ q_t; ‖Q‖ <= eps -> A = mean_t R_t; else q_src = Q / (‖Q‖ + eps).
+      c_R = clamp01(mean_t cos(q_t, q_src)). s̄ = clamp01((s_R + 1)/2), c̄ = clamp01((c_R + 1)/2),
+      ρ = clamp01(½(s̄ + c̄)·φ), β = β_max − (β_max − β_min)·ρ, n̄ = mean_t n_t.
+      c_R <= 1/√N -> A = mean_t R_t (fallback); else A = c_R^β · n̄ · q_src.
+    ``score_map="ramp"`` (v1 code): max n_t <= eps -> A = 0 (step 2.1, shared by both versions);
+      q_t = R_t / max(n_t, eps); s_R = mean over pairs of the raw dot products ⟨q_t, q_u⟩ (1 if
+      N = 1); c = ‖mean_t q_t‖, c <= eps -> A = 0 (no mean fallback); direction = mean_t q_t / c;
+      pair = clamp01((s_R − τ_p)/(max(r_p, τ_p + eps) − τ_p)), τ_p = ``pair_threshold``,
+      r_p = ``pair_ref``; coh = clamp01((c − 1/√N)/(max(r_c, 1/√N + eps) − 1/√N)),
+      r_c = ``coherence_ref``; ρ = clamp01(½(pair + coh)·φ); β as above;
+      A = direction · c^β · n̄.
+    φ = ``attention_score_scale`` / ``ffn_score_scale`` for family "attention" / "ffn", and
+    ``other_score_scale`` for any other family. ``ffn_score_scale=1.0`` reproduces v2's HEAD.
+    The pair / coherence parameters are used by the ramp map only.
+    """
+    delta, _ = src_a_details(
+        residuals,
+        family=family,
+        beta_min=beta_min,
+        beta_max=beta_max,
+        attention_score_scale=attention_score_scale,
+        ffn_score_scale=ffn_score_scale,
+        other_score_scale=other_score_scale,
+        score_map=score_map,
+        pair_threshold=pair_threshold,
+        pair_ref=pair_ref,
+        coherence_ref=coherence_ref,
+        eps=eps,
+    )
+    return delta
+
+
+def lhc_gate(heads, gate="positive_mean"):
+    """Head agreement gate S_H of LHC (METHODS.md §4 step 3).
+
+    ``gate="positive_mean"`` (house default): heads with ‖H_t‖ > 1e-8 are normalised to ĥ_t;
+    S_H = 0 if none is kept, 1 if exactly one is kept or N = 1, else
+    clamp01(mean over kept pairs of max(0, cos(ĥ_t, ĥ_u))). ``gate="none"``: S_H = 1 always (the
+    ungated ablation). ``gate="mean"`` (v1 option ``--head_reliability_rule mean``): as
+    ``positive_mean`` but clamp01(max(0, mean over pairs of cos(ĥ_t, ĥ_u))).
+    With N = 1 and a zero head the "none kept" rule is applied first (S_H = 0); C is 0 either
+    way because H̄ = 0.
+    """
+    if gate not in ("positive_mean", "none", "mean"):
+        raise ValueError(f"unknown gate {gate!r}")
+    heads = _as_taus(heads)
+    if gate == "none":
+        return 1.0
+    kept = []
+    for t in range(heads.shape[0]):
+        norm = float(np.linalg.norm(heads[t]))
+        if norm > LHC_EPS:
+            kept.append(heads[t] / norm)
+    if not kept:
+        return 0.0
+    if len(kept) == 1 or heads.shape[0] == 1:
+        return 1.0
+    cosines = [cos(kept[i], kept[j]) for i, j in _pairs(len(kept))]
+    if gate == "positive_mean":
+        return _clamp01(np.mean([max(0.0, c) for c in cosines]))
+    return _clamp01(max(0.0, float(np.mean(cosines))))
+
+
+def lhc(heads, backbone, rho_max=0.2, gate="positive_mean"):
+    """LHC head correction C (METHODS.md §4 step 3).
+
+    S_H = ``lhc_gate(heads, gate)``; H̄ = (1/N) Σ_t H_t over ALL N heads (zero ones included, no
+    sign alignment). If ρ_max·S_H > 0, ‖A‖ > 1e-8 and ‖H̄‖ > 1e-8:
+    C = ρ_max · S_H · ‖A‖ · H̄ / ‖H̄‖; otherwise C = 0. A = ``backbone``.
+    """
+    heads = _as_taus(heads)
+    backbone = _f64(backbone)
+    s_h = lhc_gate(heads, gate)
+    h_bar = np.mean(heads, axis=0)
+    budget = float(rho_max) * s_h
+    a_norm = float(np.linalg.norm(backbone))
+    h_norm = float(np.linalg.norm(h_bar))
+    if budget > 0.0 and a_norm > LHC_EPS and h_norm > LHC_EPS:
+        return budget * a_norm * h_bar / h_norm
+    return np.zeros(heads.shape[1:])
+
+
+def resmerge(
+    taus,
+    family="attention",
+    head_rank=1,
+    beta_min=0.7,
+    beta_max=1.0,
+    rho_max=0.2,
+    attention_score_scale=1.0,
+    ffn_score_scale=0.25,
+    other_score_scale=0.0,
+    score_map="affine",
+    gate="positive_mean",
+):
+    """ResMerge of one matrix leaf ``[N, m, n]``: Δ = A + C (METHODS.md §4).
+
+    (H_t, R_t) = ``spectral_split(τ_t, head_rank)``; A = ``src_a(R, ...)`` (v1 pair / coherence
+    parameters at their defaults); C = ``lhc(H, A, rho_max, gate)``.
+    Non-matrix leaves use ``resmerge_nonmatrix``.
+    """
+    taus = _as_matrix_taus(taus)
+    heads = np.zeros_like(taus)
+    residuals = np.zeros_like(taus)
+    for t in range(taus.shape[0]):
+        heads[t], residuals[t] = spectral_split(taus[t], head_rank)
+    backbone = src_a(
+        residuals,
+        family=family,
+        beta_min=beta_min,
+        beta_max=beta_max,
+        attention_score_scale=attention_score_scale,
+        ffn_score_scale=ffn_score_scale,
+        other_score_scale=other_score_scale,
+        score_map=score_map,
+    )
+    return backbone + lhc(heads, backbone, rho_max=rho_max, gate=gate)
+
+
+def resmerge_nonmatrix(taus):
+    """ResMerge non-matrix rule: Δ = (1/N) Σ_t τ_t (METHODS.md §4)."""
+    return np.mean(_as_taus(taus), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 TSV-Merge
+# ---------------------------------------------------------------------------------------------
+
+
+def tsv(taus, alpha=1.0):
+    """TSV-Merge of one matrix leaf ``[N, m, n]`` (METHODS.md §3 tsv).
+
+    r = min(m, n), k = ⌊r/N⌋. For each task with ‖τ_t‖ > 1e-8 its top-k triplets go into slots
+    [t·k, (t+1)·k) of the zero buffers U_cat (m×r), s_cat (r), V_cat (r×n); tasks with
+    ‖τ_t‖ <= 1e-8 leave their slots zero. Δ = α · polar(U_cat) diag(s_cat) polar(V_cat).
+    k = 0 (N > r) gives Δ = 0 (the library also warns; the oracle only returns the value).
+
+    Invariant (any rank): polar(U_cat) has orthonormal columns and polar(V_cat) orthonormal rows,
+    so the singular values of Δ are exactly α · s_cat.
+    """
+    taus = _as_matrix_taus(taus)
+    n_exp, m, n = taus.shape
+    r = min(m, n)
+    k = r // n_exp
+    if k == 0:
+        return np.zeros((m, n))
+    u_cat = np.zeros((m, r))
+    s_cat = np.zeros(r)
+    v_cat = np.zeros((r, n))
+    for t in range(n_exp):
+        if float(np.linalg.norm(taus[t])) <= SPECTRAL_ZERO_EPS:
+            continue
+        u, s, vt = _thin_svd(taus[t])
+        slots = slice(t * k, (t + 1) * k)
+        u_cat[:, slots] = u[:, :k]
+        s_cat[slots] = s[:k]
+        v_cat[slots, :] = vt[:k, :]
+    return float(alpha) * ((polar(u_cat) * s_cat) @ polar(v_cat))
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 ISO-C / ISO-CTS
+# ---------------------------------------------------------------------------------------------
+
+
+def iso_c(taus, alpha=1.0):
+    """ISO-C of one matrix leaf ``[N, m, n]`` (METHODS.md §3 iso_c).
+
+    M = Σ_t τ_t (the sum) = U diag(σ) Vᵀ; Δ = α · mean(σ) · U Vᵀ, the mean over all r = min(m, n)
+    singular values (zeros included). Invariant: every singular value of Δ is α·mean(σ), i.e.
+    ‖Δ‖_* = α‖M‖_*. U Vᵀ is unique only when M has full rank r.
+    """
+    taus = _as_matrix_taus(taus)
+    u, s, vt = _thin_svd(np.sum(taus, axis=0))
+    return float(alpha) * float(np.mean(s)) * (u @ vt)
+
+
+def round_half_even(x):
+    """Round to the nearest integer, halves to the even neighbour (Python's ``round``), exactly.
+
+    ``x`` may be an int, a float or a ``fractions.Fraction``; it is converted exactly to a
+    Fraction first, so e.g. 5/2 -> 2, 3/2 -> 2, 7/2 -> 4, 1/2 -> 0.
+    """
+    x = Fraction(x)
+    low = math.floor(x)
+    diff = x - low
+    half = Fraction(1, 2)
+    if diff > half:
+        return low + 1
+    if diff < half:
+        return low
+    return low if low % 2 == 0 else low + 1
+
+
+def iso_cts_sizes(r, n_tasks, common_fraction=0.8):
+    """Common rank k_c and per-task rank d of ISO-CTS (METHODS.md §3 iso_cts).
+
+    k₀ = ⌊f·r⌋ (float product, as the reference); s = round_half_even((r − k₀)/N)·N, with the
+    quotient taken as an exact fraction; k_c = r − s; d = s/N. Returns (k_c, d).
+    Raises ValueError if k_c < 0 (only possible for small f, e.g. r = 2, N = 3, f = 0).
+    """
+    r = int(r)
+    n_tasks = int(n_tasks)
+    if r < 0 or n_tasks < 1:
+        raise ValueError("need r >= 0 and N >= 1")
+    f = float(common_fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError("common_fraction must lie in [0, 1]")
+    k0 = math.floor(f * r)
+    s = round_half_even(Fraction(r - k0, n_tasks)) * n_tasks
+    k_c = r - s
+    if k_c < 0:
+        raise ValueError(f"iso_cts: task blocks ({s}) exceed the rank r = {r}")
+    return k_c, s // n_tasks
+
+
+def iso_cts(taus, alpha=1.0, common_fraction=0.8):
+    """ISO-CTS of one matrix leaf ``[N, m, n]`` (METHODS.md §3 iso_cts).
+
+    (k_c, d) = ``iso_cts_sizes(r, N, f)``. M = Σ_t τ_t = U diag(σ) Vᵀ; common block =
+    (U[:, :k_c], σ[:k_c], Vᵀ[:k_c]). Task t: R_t = τ_t − U_c U_cᵀ τ_t (left projection only); if
+    ‖R_t‖ <= 1e-8 its block stays zero (mask, as the TSV recommendation), else its top-d triplets
+    fill slots [t·d, (t+1)·d). The common block fills slots [N·d, N·d + k_c) (task blocks first).
+    σ̄ = mean of all r assembled singular values (masked zeros included);
+    Δ = α · σ̄ · polar(U_all) polar(V_all). With d = 0 (s = 0) the common block is all of
+    U, σ, Vᵀ and Δ reduces to ``iso_c`` (the general path is taken; polar(U) = U).
+
+    The slot order (task blocks first) does not change the value: polar(U Π) = polar(U) Π for a
+    permutation Π, and the same Π reorders the rows of V_all, so U⊥ V⊥ is unchanged.
+
+    Invariant (any rank): every singular value of Δ equals α·σ̄. When U_all / V_all are
+    rank-deficient (masked or low-rank blocks) the directions of Δ are not unique (see the note
+    at the top of §3/§4); they stay finite.
+    """
+    taus = _as_matrix_taus(taus)
+    n_exp, m, n = taus.shape
+    r = min(m, n)
+    k_c, d = iso_cts_sizes(r, n_exp, common_fraction)
+    u, s, vt = _thin_svd(np.sum(taus, axis=0))
+    u_c = u[:, :k_c]
+
+    u_all = np.zeros((m, r))
+    s_all = np.zeros(r)
+    v_all = np.zeros((r, n))
+    if d > 0:
+        for t in range(n_exp):
+            projected = taus[t] - u_c @ (u_c.T @ taus[t])
+            if float(np.linalg.norm(projected)) <= SPECTRAL_ZERO_EPS:
+                continue
+            ut, st, vtt = _thin_svd(projected)
+            slots = slice(t * d, (t + 1) * d)
+            u_all[:, slots] = ut[:, :d]
+            s_all[slots] = st[:d]
+            v_all[slots, :] = vtt[:d, :]
+    common = slice(n_exp * d, n_exp * d + k_c)
+    u_all[:, common] = u_c
+    s_all[common] = s[:k_c]
+    v_all[common, :] = vt[:k_c, :]
+    sigma_bar = float(np.mean(s_all))
+    return float(alpha) * sigma_bar * (polar(u_all) @ polar(v_all))
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 STAR
+# ---------------------------------------------------------------------------------------------
+
+
+def star_rank(sigma, eta=40.0):
+    """Number q of top singular values STAR keeps (METHODS.md §3 star; notes §9).
+
+    ``sigma`` is descending and non-negative. total = Σσ and the partial sums are both added left
+    to right, and target = η·total/100 (η multiplied first, so η = 40 and total = 10 give exactly
+    4). q = the fewest leading values whose partial sum satisfies ``partial >= target`` (">=":
+    reaching the target counts; the reference's searchsorted "left" + 1). If no partial sum
+    reaches the target (η > 100, or rounding at η = 100) q = len(σ). q >= 1 always (η <= 0 gives
+    1). Returns 0 for an empty or all-zero σ.
+    """
+    sigma = _f64(sigma).ravel()
+    total = _sequential_sum(sigma)
+    if sigma.shape[0] == 0 or total <= 0.0:
+        return 0
+    target = float(eta) * total / 100.0
+    partial = 0.0
+    for i, value in enumerate(sigma):
+        partial += float(value)
+        if partial >= target:
+            return i + 1
+    return sigma.shape[0]
+
+
+def star(taus, eta=40.0):
+    """STAR of one matrix leaf ``[N, m, n]`` (METHODS.md §3 star).
+
+    Per task: thin SVD; q = ``star_rank(σ, η)``; the kept σ_1..σ_q are rescaled by
+    Σσ_all / Σσ_kept (nuclear norm preserved) and the rank-q matrix is rebuilt. A zero matrix
+    (Σσ = 0) contributes zero. Δ = (1/N) Σ_t STAR(τ_t).
+    """
+    taus = _as_matrix_taus(taus)
+    n_exp = taus.shape[0]
+    total_delta = np.zeros(taus.shape[1:])
+    for t in range(n_exp):
+        u, s, vt = _thin_svd(taus[t])
+        q = star_rank(s, eta)
+        if q == 0:
+            continue
+        kept = s[:q]
+        scale = _sequential_sum(s) / _sequential_sum(kept)
+        total_delta += (u[:, :q] * (kept * scale)) @ vt[:q, :]
+    return total_delta / n_exp
+
+
+# ---------------------------------------------------------------------------------------------
+# §3 SVC
+# ---------------------------------------------------------------------------------------------
+
+
+def svc(merged_delta, taus, floor=0.1):
+    """Singular value calibration of an already-merged matrix Δ_m (METHODS.md §3 svc; notes §8).
+
+    Δ_m = U diag(σ) Vᵀ (thin). For j = 1..r: a_j^m = u_jᵀ Δ_m, a_j^t = u_jᵀ τ_t,
+    s_j^t = ⟨a_j^m, a_j^t⟩ / max(‖a_j^t‖², 1e-12), γ_j = N / Σ_t max(α_c, s_j^t), σ'_j = γ_j σ_j.
+    Returns the calibrated Δ = U diag(σ') Vᵀ. ``floor`` = α_c must be > 0 (it keeps Σ_t > 0).
+    A zero task response gives s = 0 -> α_c. Sign-invariant; not unique for repeated σ_j.
+    """
+    merged = _as_matrix(merged_delta)
+    taus = _as_matrix_taus(taus)
+    if taus.shape[1:] != merged.shape:
+        raise ValueError("svc: taus must have shape [N, *merged_delta.shape]")
+    floor = float(floor)
+    if floor <= 0.0:
+        raise ValueError("svc: the calibration floor must be > 0")
+    n_exp = taus.shape[0]
+    u, s, vt = _thin_svd(merged)
+    new_s = np.zeros_like(s)
+    for j in range(s.shape[0]):
+        a_m = u[:, j] @ merged
+        denominator = 0.0
+        for t in range(n_exp):
+            a_t = u[:, j] @ taus[t]
+            s_jt = float(np.dot(a_m, a_t)) / max(float(np.dot(a_t, a_t)), SVC_DENOM_FLOOR)
+            denominator += max(floor, s_jt)
+        new_s[j] = n_exp / denominator * s[j]
+    return (u * new_s) @ vt

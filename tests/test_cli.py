@@ -423,3 +423,98 @@ def test_flag_defaults_are_the_method_defaults():
         for flag, parameter in spec.flags.items():
             default = signature.parameters[parameter].default
             assert FLAGS[flag].default == default, (name, flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral methods (METHODS.md §3, §4)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def spectral_reference(base_dir, expert_dirs, matrix_rule, other_rule):
+    """θ₀ + Δ in float64: ``matrix_rule(taus, family)`` on matrix leaves, else ``other_rule``."""
+    from jaxmerge.leaves import LeafInfo
+
+    base = read_native(base_dir)
+    experts = [read_native(d) for d in expert_dirs]
+    merged = {}
+    for name, value in base.items():
+        b = value.astype(np.float64)
+        taus = np.stack([e[name].astype(np.float64) - b for e in experts])
+        info = LeafInfo.from_name(name, value.shape, value.dtype)
+        delta = matrix_rule(taus, info.family) if info.is_matrix else other_rule(taus)
+        merged[name] = b + delta
+    return merged
+
+
+SPECTRAL_CASES = {
+    "resmerge": (["--method=resmerge"], lambda t, f: ref.resmerge(t, family=f),
+                 ref.resmerge_nonmatrix),
+    "resmerge v1 options": (
+        ["--method=resmerge", "--score_map=ramp", "--ffn_score_scale=1.0", "--head_rank=2",
+         "--rho_max=0.3", "--head_gate=mean", "--svd=exact"],
+        lambda t, f: ref.resmerge(t, family=f, score_map="ramp", ffn_score_scale=1.0,
+                                  head_rank=2, rho_max=0.3, gate="mean"),
+        ref.resmerge_nonmatrix),
+    "tsv": (["--method=tsv", "--scale=0.7"], lambda t, f: ref.tsv(t, alpha=0.7),
+            lambda t: ref.spectral_nonmatrix(t, 0.7)),
+    "iso_c": (["--method=iso_c"], lambda t, f: ref.iso_c(t), ref.spectral_nonmatrix),
+    "iso_cts": (["--method=iso_cts", "--common_fraction=0.6"],
+                lambda t, f: ref.iso_cts(t, common_fraction=0.6), ref.spectral_nonmatrix),
+    "star": (["--method=star", "--star_eta=60"], lambda t, f: ref.star(t, eta=60.0),
+             lambda t: t.mean(0)),
+    "task_arithmetic + svc": (
+        ["--method=task_arithmetic", "--scale=0.5", "--calibrate=svc", "--svc_floor=0.2"],
+        lambda t, f: ref.svc(ref.task_arithmetic(t, 0.5), t, floor=0.2),
+        lambda t: ref.task_arithmetic(t, 0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPECTRAL_CASES))
+def test_cli_spectral_methods_match_numpy_reference_and_load(tiny, tmp_path, case):
+    args, matrix_rule, other_rule = SPECTRAL_CASES[case]
+    base, experts = tiny
+    out = tmp_path / "merged"
+    assert run_cli(*args, f"--base={base}", experts_flag(experts), f"--output={out}") == 0
+    assert_close_to_reference(out, spectral_reference(base, experts, matrix_rule, other_rule),
+                              rtol=BF16_ULP)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_array_equal(
+        model.model.layers[1].self_attn.o_proj.weight.detach().float().numpy(),
+        read_native(out)["model.layers.1.self_attn.o_proj.weight"].astype(np.float32))
+    record = json.loads((out / "jaxmerge_config.json").read_text())
+    if "--calibrate=svc" in args:
+        assert record["hyperparameters"]["calibrate"] == "svc"
+
+
+@pytest.mark.parametrize("recipe,matrix_rule", [
+    ("head_only_mean.py", lambda t, f: np.mean([ref.spectral_split(x)[0] for x in t], 0)),
+    ("residual_only_mean.py", lambda t, f: np.mean([ref.spectral_split(x)[1] for x in t], 0)),
+    ("src_a_without_head.py",
+     lambda t, f: ref.src_a(np.stack([ref.spectral_split(x)[1] for x in t]), family=f)),
+    ("src_a_ungated_head.py", lambda t, f: ref.resmerge(t, family=f, gate="none")),
+])
+def test_resmerge_ablation_recipes_from_the_cli(tiny, tmp_path, recipe, matrix_rule):
+    base, experts = tiny
+    out = tmp_path / "merged"
+    assert run_cli(f"--recipe={REPO / 'examples' / 'recipes' / recipe}", f"--base={base}",
+                   experts_flag(experts), f"--output={out}") == 0
+    assert_close_to_reference(
+        out, spectral_reference(base, experts, matrix_rule, ref.resmerge_nonmatrix),
+        rtol=BF16_ULP)
+
+
+@pytest.mark.parametrize("args,contains", [
+    (["--method=resmerge", "--head_rank=0"], ["head_rank", "0"]),
+    (["--method=resmerge", "--beta_min=0.9", "--beta_max=0.8"], ["beta_min", "beta_max"]),
+    (["--method=resmerge", "--rho_max=-0.1"], ["rho_max"]),
+    (["--method=iso_cts", "--common_fraction=1.5"], ["common_fraction", "1.5"]),
+    (["--method=star", "--star_eta=0"], ["eta"]),
+    (["--method=ties", "--calibrate=svc", "--svc_floor=0"], ["floor"]),
+])
+def test_bad_spectral_hyperparameters(tiny, tmp_path, capsys, args, contains):
+    base, experts = tiny
+    expect_error(capsys, tmp_path, *args, f"--base={base}", experts_flag(experts),
+                 contains=contains)

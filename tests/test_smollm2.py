@@ -77,3 +77,46 @@ def test_smollm2_merged_model_loads_and_generates(smollm2, tmp_path):
     assert len(text.strip()) > 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert (out / "chat_template.jinja").exists() or tokenizer.chat_template
+
+
+def test_smollm2_resmerge_matches_reference_loads_and_generates(smollm2, inputs, tmp_path):
+    """ResMerge (randomised top-1 SVD) on the real model: loads, generates, and matches the
+    float64 full-SVD reference on two whole layers and every non-matrix tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxmerge.leaves import LeafInfo
+
+    out = tmp_path / "resmerge"
+    run_merge(smollm2, out, "--method=resmerge")
+    base, experts = inputs
+    merged = read_native(out)
+    assert set(merged) == set(base)
+    worst = 0.0
+    for name, value in base.items():
+        info = LeafInfo.from_name(name, value.shape, value.dtype)
+        if info.is_matrix and info.layer not in (0, 29):
+            continue
+        b = value.astype(np.float64)
+        taus = np.stack([e[name].astype(np.float64) - b for e in experts])
+        delta = (ref.resmerge(taus, family=info.family) if info.is_matrix
+                 else ref.resmerge_nonmatrix(taus))
+        got = merged[name].astype(np.float64)
+        # One bf16 step, plus float32 error where θ₀ + Δ nearly cancels.
+        np.testing.assert_allclose(got, b + delta, rtol=BF16_ULP,
+                                   atol=1e-5 * np.abs(delta).max(), err_msg=name)
+        # Relative error of the merged task vector, beyond the bf16 rounding of the output:
+        # |got - expected| is at most half a bf16 step of the weight, plus the float32 error.
+        excess = np.maximum(np.abs(got - (b + delta)) - np.abs(b + delta) * 2.0**-8, 0.0)
+        worst = max(worst, float(np.linalg.norm(excess) / max(np.linalg.norm(delta), 1e-30)))
+    print(f"resmerge: worst per-tensor relative error beyond bf16 rounding {worst:.2e}")
+    assert worst <= 1e-3
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert len(tokenizer.decode(generated[0, ids.shape[1]:]).strip()) > 0
+    record = json.loads((out / "jaxmerge_config.json").read_text())
+    assert record["method"] == "resmerge" and record["hyperparameters"]["head_rank"] == 1
