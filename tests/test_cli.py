@@ -80,14 +80,8 @@ def experts_flag(experts):
 
 def reference_merge(base_dir, expert_dirs, per_tensor):
     """θ₀ + Δ in float64 for every tensor, Δ from ``per_tensor(taus)``."""
-    base = read_native(base_dir)
-    experts = [read_native(d) for d in expert_dirs]
-    merged = {}
-    for name, value in base.items():
-        b = value.astype(np.float64)
-        taus = np.stack([e[name].astype(np.float64) - b for e in experts])
-        merged[name] = b + per_tensor(taus)
-    return merged
+    return spectral_reference(base_dir, expert_dirs, lambda taus, family: per_tensor(taus),
+                              per_tensor)
 
 
 def assert_close_to_reference(output_dir, expected, rtol):
