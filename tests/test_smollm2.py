@@ -102,9 +102,10 @@ def test_smollm2_resmerge_matches_reference_loads_and_generates(smollm2, inputs,
         delta = (ref.resmerge(taus, family=info.family) if info.is_matrix
                  else ref.resmerge_nonmatrix(taus))
         got = merged[name].astype(np.float64)
-        # One bf16 step, plus float32 error where θ₀ + Δ nearly cancels.
+        # One bf16 step, plus, where θ₀ + Δ nearly cancels, the randomised top-k SVD's
+        # error (its convergence tolerance is 1e-4 of the head, so of max |Δ|).
         np.testing.assert_allclose(got, b + delta, rtol=BF16_ULP,
-                                   atol=1e-5 * np.abs(delta).max(), err_msg=name)
+                                   atol=1e-4 * np.abs(delta).max(), err_msg=name)
         # Relative error of the merged task vector, beyond the bf16 rounding of the output:
         # |got - expected| is at most half a bf16 step of the weight, plus the float32 error.
         excess = np.maximum(np.abs(got - (b + delta)) - np.abs(b + delta) * 2.0**-8, 0.0)

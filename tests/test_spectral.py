@@ -27,6 +27,7 @@ NAMES = {
 }
 SHAPE = (40, 24)
 RTOL = 5e-5  # float32 SVDs and products vs float64
+RANDOMIZED_RTOL = 5e-4  # the randomised head is certified to a 1e-4 subspace angle
 
 
 def orthonormal(rng, rows, cols):
@@ -92,7 +93,8 @@ def assert_close(got, want, rtol=RTOL):
 def test_resmerge_matches_reference(n, family, svd):
     taus = task_matrices(np.random.default_rng(n), n)
     got = run(jaxmerge.resmerge(svd=svd), taus, family)
-    assert_close(got, ref.resmerge(taus, family=family))
+    assert_close(got, ref.resmerge(taus, family=family),
+                 RTOL if svd == "exact" else RANDOMIZED_RTOL)
 
 
 @pytest.mark.parametrize("options", [
@@ -116,7 +118,8 @@ def test_resmerge_rank_deficient_tasks_match_reference():
     for n in (1, 2, 3, 5):
         taus = task_matrices(np.random.default_rng(20 + n), n, "rank_deficient")
         for svd in ("exact", "randomized"):
-            assert_close(run(jaxmerge.resmerge(svd=svd), taus), ref.resmerge(taus))
+            assert_close(run(jaxmerge.resmerge(svd=svd), taus), ref.resmerge(taus),
+                         RTOL if svd == "exact" else RANDOMIZED_RTOL)
 
 
 def test_resmerge_near_degenerate_head_is_finite_and_falls_back_to_exact():
