@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmerge.algebra import LeafContext, Merge, StatsPass
+from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
@@ -319,19 +319,7 @@ class Executor:
                 stats[stats_pass.id] = _PerLeaf()
                 continue
             label = f"pass {number}/{len(self.merge.passes)}: {stats_pass.description}"
-            totals: dict = {}
-            for chunk, arrays in self._stream(chunks, label):
-                fn = self._compiled_fn(("pass", stats_pass.id), chunk,
-                                       lambda info, p=stats_pass: _compile_pass(p, info))
-                valid = np.arange(chunk.size) < len(chunk.leaves)
-                partial = jax.tree.map(_widen, fn(valid, *self._call_args(chunk, arrays, stats)))
-                if stats_pass.per_leaf:
-                    for i, leaf in enumerate(chunk.leaves):
-                        item = jax.tree.map(lambda p, i=i: p[i], partial)
-                        _accumulate(totals, leaf.name, item)
-                else:
-                    _accumulate(totals, None, partial)
-                self.report.chunks += 1
+            totals = self._pass_totals(stats_pass, chunks, label, stats)
             if not totals:
                 raise JaxmergeError(f"statistics pass {stats_pass.description!r} saw no tensor")
             if stats_pass.per_leaf:
@@ -342,6 +330,40 @@ class Executor:
                 stats[stats_pass.id] = stats_pass.finalize(totals[None], stats)
         self.report.stats = stats
         return stats
+
+    def _pass_totals(self, stats_pass: StatsPass, chunks: list[_Chunk], label: str,
+                     stats: dict) -> dict:
+        """Streams ``chunks`` through one pass: {leaf name: summed partials} for per-leaf
+        passes (row blocks of one leaf summed), {None: sum over every leaf} otherwise."""
+        totals: dict = {}
+        for chunk, arrays in self._stream(chunks, label):
+            fn = self._compiled_fn(("pass", stats_pass.id), chunk,
+                                   lambda info, p=stats_pass: _compile_pass(p, info))
+            valid = np.arange(chunk.size) < len(chunk.leaves)
+            partial = jax.tree.map(_widen, fn(valid, *self._call_args(chunk, arrays, stats)))
+            if stats_pass.per_leaf:
+                for i, leaf in enumerate(chunk.leaves):
+                    item = jax.tree.map(lambda p, i=i: p[i], partial)
+                    _accumulate(totals, leaf.name, item)
+            else:
+                _accumulate(totals, None, partial)
+            self.report.chunks += 1
+        return totals
+
+    def measure(self, stats_pass: StatsPass, label: str | None = None) -> dict[str, PyTree]:
+        """Runs one per-leaf statistics pass over *every* leaf it applies to.
+
+        Unlike a merge's own per-leaf passes (run only for row blocks), this streams
+        the whole plan, one compiled call per shape group, and returns
+        {leaf name: finalize(summed partials)}: the diagnostics' entry point.
+        Leaves are split into row blocks when they exceed the budget and the
+        executor's merge is row-wise for them; the block partials are summed.
+        """
+        if not stats_pass.per_leaf:
+            raise JaxmergeError("measure() needs a per-leaf statistics pass")
+        chunks = self._chunks(stats_pass.applies)
+        totals = self._pass_totals(stats_pass, chunks, label or stats_pass.description, {})
+        return {name: stats_pass.finalize(total, {}) for name, total in totals.items()}
 
     @staticmethod
     def _leaf_view(stats: dict, name: str) -> dict:

@@ -188,6 +188,38 @@ def _quadratic_norm(gram: Array, weights: Array) -> Array:
     return jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
 
 
+class SphericalConsensus(NamedTuple):
+    """The residuals' consensus on the Frobenius sphere (SRC-A, METHODS.md §4 step 2).
+
+    Attributes:
+      scale: 1/(n_t + eps), so q_t = scale_t · R_t.
+      pair_cos: s_R, the mean pairwise cos(q_t, q_u) (1 if N = 1).
+      sum_norm: ‖Q‖ with Q = Σ_t q_t.
+      coherence: c_R = clamp₀¹(mean_t cos(q_t, q_src)), q_src = Q/(‖Q‖ + eps).
+    """
+
+    scale: Array
+    pair_cos: Array
+    sum_norm: Array
+    coherence: Array
+
+
+def spherical_consensus(gram: Array, eps: float = SRC_EPS) -> SphericalConsensus:
+    """s_R, ‖Q‖ and c_R of SRC-A from the residual Gram matrix G = ⟨R_s, R_t⟩."""
+    n = gram.shape[0]
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+    scale = 1.0 / (norms + eps)
+    q_gram = gram * scale[:, None] * scale[None, :]
+    q_norms = norms * scale
+    pair_cos = (_pair_mean(q_gram / (q_norms[:, None] * q_norms[None, :] + eps)) if n > 1
+                else jnp.float32(1.0))
+    sum_norm = _quadratic_norm(q_gram, jnp.ones((n,), jnp.float32))
+    to_src = jnp.sum(q_gram, axis=1) / (sum_norm + eps)  # ⟨q_t, q_src⟩
+    src_norm = sum_norm / (sum_norm + eps)
+    coherence = _clamp01(jnp.mean(to_src / (q_norms * src_norm + eps)))
+    return SphericalConsensus(scale, pair_cos, sum_norm, coherence)
+
+
 def src_a_weights(gram: Array, phi: float, beta_min: float = 0.7, beta_max: float = 1.0,
                   score_map: str = "affine", pair_threshold: float = 0.03,
                   pair_ref: float = 0.05, coherence_ref: float = 0.60,
@@ -222,17 +254,10 @@ def src_a_weights(gram: Array, phi: float, beta_min: float = 0.7, beta_max: floa
         return beta_max - (beta_max - beta_min) * score
 
     if score_map == "affine":
-        scale = 1.0 / (norms + eps)  # q_t = scale_t R_t
-        q_gram = gram * scale[:, None] * scale[None, :]
-        q_norms = norms * scale
-        s_r = (_pair_mean(q_gram / (q_norms[:, None] * q_norms[None, :] + eps)) if n > 1
-               else jnp.float32(1.0))
-        q_sum_norm = _quadratic_norm(q_gram, jnp.ones((n,), jnp.float32))
-        to_src = jnp.sum(q_gram, axis=1) / (q_sum_norm + eps)  # ⟨q_t, q_src⟩
-        q_src_norm = q_sum_norm / (q_sum_norm + eps)
-        c_r = _clamp01(jnp.mean(to_src / (q_norms * q_src_norm + eps)))
+        consensus = spherical_consensus(gram, eps)
+        s_r, c_r, q_sum_norm = consensus.pair_cos, consensus.coherence, consensus.sum_norm
         score = _clamp01(0.5 * (_clamp01((s_r + 1) / 2) + _clamp01((c_r + 1) / 2)) * phi)
-        src = c_r ** beta_of(score) * n_bar / (q_sum_norm + eps) * scale
+        src = c_r ** beta_of(score) * n_bar / (q_sum_norm + eps) * consensus.scale
         use_mean = (q_sum_norm <= eps) | (c_r <= inv_sqrt_n)
         weights = jnp.where(use_mean, mean_weights, src)
     elif score_map == "ramp":

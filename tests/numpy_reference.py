@@ -1080,3 +1080,83 @@ def svc(merged_delta, taus, floor=0.1):
             denominator += max(floor, s_jt)
         new_s[j] = n_exp / denominator * s[j]
     return (u * new_s) @ vt
+
+
+# ---------------------------------------------------------------------------
+# Diagnostics (the jaxmerge.analyze statistics), from their definitions:
+# SAR-Merging §4.2 (sparsity), §5 (regions), Fig. 3 (cosine); ResMerge §5.4
+# (energy share, stable and effective rank), §5.5 and A.3 (head/residual geometry).
+
+UPDATE_EPS = 1e-5
+
+
+def update_sparsity(tau, eps=UPDATE_EPS):
+    """Fraction of entries with |τ| ≤ eps."""
+    tau = _f64(tau)
+    return float(np.mean(np.abs(tau) <= eps))
+
+
+def pair_regions(tau_a, tau_b, eps=UPDATE_EPS):
+    """Fractions {unchanged, private, overlap, conflict} of a pair, entry by entry."""
+    a, b = _f64(tau_a).ravel(), _f64(tau_b).ravel()
+    counts = {"unchanged": 0, "private": 0, "overlap": 0, "conflict": 0}
+    for x, y in zip(a, b):
+        active_x, active_y = abs(x) > eps, abs(y) > eps
+        if active_x and active_y:
+            counts["conflict" if x * y < 0 else "overlap"] += 1
+        elif active_x or active_y:
+            counts["private"] += 1
+        else:
+            counts["unchanged"] += 1
+    return {k: v / a.size for k, v in counts.items()}
+
+
+def all_regions(taus, eps=UPDATE_EPS):
+    """Fractions {unchanged, private, overlap, conflict} over all N experts."""
+    taus = _as_taus(taus).reshape(len(taus), -1)
+    counts = {"unchanged": 0, "private": 0, "overlap": 0, "conflict": 0}
+    for column in taus.T:
+        active = column[np.abs(column) > eps]
+        if active.size == 0:
+            counts["unchanged"] += 1
+        elif active.size == 1:
+            counts["private"] += 1
+        elif np.all(active > 0) or np.all(active < 0):
+            counts["overlap"] += 1
+        else:
+            counts["conflict"] += 1
+    return {k: v / taus.shape[1] for k, v in counts.items()}
+
+
+def spectrum_stats(sigma, ks=(1, 4, 16)):
+    """(energy shares of the top k, stable rank, effective rank) of a spectrum; zeros if 0."""
+    sigma = np.sort(_f64(sigma))[::-1]
+    energy = sigma**2
+    if energy.sum() == 0:
+        return [0.0] * len(ks), 0.0, 0.0
+    shares = [float(energy[:k].sum() / energy.sum()) for k in ks]
+    p = sigma / sigma.sum()
+    p = p[p > 0]
+    return shares, float(energy.sum() / energy[0]), float(np.exp(-(p * np.log(p)).sum()))
+
+
+def head_residual_geometry(taus, k=1):
+    """Pairwise head/residual cosines, S_H, c_R and mean retentions from full SVDs."""
+    taus = _as_matrix_taus(taus)
+    heads, residuals = zip(*[spectral_split(t, k) for t in taus])
+    n = len(taus)
+    _, details = src_a_details(np.stack(residuals))
+
+    def retention(xs):
+        mean_norm = np.mean([np.linalg.norm(x) for x in xs])
+        return 0.0 if mean_norm <= 1e-8 else float(np.linalg.norm(np.mean(xs, 0)) / mean_norm)
+
+    return {
+        "head_cos": [cos(heads[s], heads[t]) for s, t in _pairs(n)],
+        "residual_cos": [cos(residuals[s], residuals[t]) for s, t in _pairs(n)],
+        "head_agreement": lhc_gate(np.stack(heads)),
+        # c_R is not computed when every residual is 0 or their q_t sum to 0: 0 then.
+        "residual_coherence": details["c_R"] or 0.0,
+        "head_retention": retention(heads),
+        "residual_retention": retention(residuals),
+    }

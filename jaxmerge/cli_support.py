@@ -1,0 +1,44 @@
+"""Helpers shared by the command lines (jaxmerge.main, jaxmerge.analyze); no flags here,
+so each CLI module defines its own flags without clashing."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+
+from jaxmerge.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6,
+          "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2·2³⁰, '1e9' -> 10⁹."""
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ConfigError(f"--{flag}={text!r} is not a size like 5GB, 500MB or 2GiB")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"--{flag} must be positive, got {text!r}")
+    return value
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``directory`` (if non-empty)."""
+    if not directory:
+        return
+    import jax
+
+    path = pathlib.Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        logging.warning("compilation cache %s unavailable (%s); compiling from scratch", path,
+                        error)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
