@@ -19,7 +19,7 @@ one leaf's stacked task vectors, composed from a few combinators::
 See ``jaxmerge.methods`` for the built-in methods and METHODS.md for their math.
 """
 
-from jaxmerge import linalg, ops, spectral
+from jaxmerge import linalg, ops, sensitivity, spectral
 from jaxmerge.algebra import (
     LeafContext,
     Merge,
@@ -50,6 +50,7 @@ from jaxmerge.methods import (
     dare_linear,
     dare_ties,
     della,
+    fisher,
     iso_c,
     iso_cts,
     linear,
@@ -57,6 +58,7 @@ from jaxmerge.methods import (
     ram,
     ram_plus,
     resmerge,
+    sar,
     slerp,
     star,
     task_arithmetic,
@@ -92,6 +94,7 @@ __all__ = (
     "iso_cts",
     "layers",
     "linalg",
+    "fisher",
     "linear",
     "matrix",
     "merge",
@@ -105,6 +108,8 @@ __all__ = (
     "requires_experts",
     "resmerge",
     "route",
+    "sar",
+    "sensitivity",
     "rowwise",
     "scale",
     "slerp",

@@ -140,7 +140,19 @@ _HYPER = {
                                           "given to the common subspace."),
     "star_eta": flags.DEFINE_float("star_eta", 40.0, "STAR: percent η of the nuclear norm the "
                                    "kept singular values must reach."),
+    "arbitration": flags.DEFINE_enum("arbitration", "hard", ["hard", "fisher_weighted"],
+                                     "SAR conflict rule: the larger-Fisher expert's delta "
+                                     "(hard, the paper) or the Fisher-weighted mean."),
+    "sar_drop_rate": flags.DEFINE_float("sar_drop_rate", 0.2, "SAR: drop probability p of the "
+                                        "below-median private entries (survivors × 1/(1-p))."),
+    "sar_epsilon": flags.DEFINE_float("sar_epsilon", 1e-5, "SAR: |τ| > ε counts as updated "
+                                      "(private region, N ≠ 2 rule)."),
+    "fisher_floor": flags.DEFINE_float("fisher_floor", 1e-6, "Fisher merging: F̃ = F + floor."),
 }
+_FISHER = flags.DEFINE_list(
+    "fisher", None,
+    "Per-expert diagonal Fisher checkpoints (python -m jaxmerge.fisher), comma-separated, in "
+    "the order of --experts: the sensitivities of sar and fisher.")
 
 _CALIBRATE = flags.DEFINE_enum("calibrate", "none", list(methods.CALIBRATIONS),
                                "Post-hoc calibration of any method or recipe: svc rescales each "
@@ -193,6 +205,22 @@ def _demo_inputs() -> tuple[str, list[str], str]:
     return str(base), [str(e) for e in experts], output
 
 
+def _extras(merge: Merge, num_experts: int) -> dict[str, list[str]]:
+    """The per-expert extra inputs the method reads (Fisher checkpoints), checked."""
+    if "fisher" not in merge.extra_inputs:
+        if _FISHER.value:
+            raise ConfigError("--fisher is only read by methods that use Fisher information "
+                              "(sar, fisher)")
+        return {}
+    if not _FISHER.value:
+        raise ConfigError("this method needs each expert's diagonal Fisher: pass "
+                          "--fisher=DIR,DIR (from python -m jaxmerge.fisher), one per expert")
+    if len(_FISHER.value) != num_experts:
+        raise ConfigError(f"--fisher lists {len(_FISHER.value)} checkpoints for {num_experts} "
+                          "experts: give one per expert, in the order of --experts")
+    return {"fisher": list(_FISHER.value)}
+
+
 def run(argv) -> int:
     """Parses nothing itself: reads the already-parsed flags and merges."""
     from jaxmerge.api import merge_checkpoints
@@ -225,6 +253,7 @@ def run(argv) -> int:
     if _CALIBRATE.value != "none":
         merge = methods.calibrate(merge, _CALIBRATE.value, _SVC_FLOOR.value)
         hyper.update(calibrate=_CALIBRATE.value, svc_floor=_SVC_FLOOR.value)
+    extras = _extras(merge, len(experts))
     enable_compilation_cache(_COMPILATION_CACHE.value)
     result = merge_checkpoints(
         merge, base, experts, output,
@@ -237,6 +266,7 @@ def run(argv) -> int:
         overwrite=overwrite,
         chunk_bytes=parse_size(_CHUNK_MEMORY.value, "chunk_memory"),
         progress=_PROGRESS.value,
+        extras=extras,
         command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     report = result.report

@@ -2,7 +2,7 @@
 
 Every factory returns a :class:`~jaxmerge.algebra.Merge` whose result is the
 merged task vector Δ (θ = θ₀ + Δ). Formulas and defaults: ``METHODS.md`` §1, §2,
-§3, §4, §5. ``REGISTRY`` maps CLI method names to factories and to the command-line flags
+§3, §4, §5, §6, §7. ``REGISTRY`` maps CLI method names to factories and to the command-line flags
 that set their hyperparameters.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from jaxmerge import ops, spectral
+from jaxmerge import ops, sensitivity, spectral
 from jaxmerge.algebra import Merge, chain, matrix, route, scale
 from jaxmerge.errors import ConfigError
 
@@ -164,6 +164,30 @@ def star(eta: float = 40.0) -> Merge:
     return route({matrix: spectral.star(eta)}, default=ops.mean())
 
 
+def sar(arbitration: str = "hard", drop_rate: float = 0.2, scale_factor: float = 1.0,
+        epsilon: float = 1e-5) -> Merge:
+    """SAR-Merging (METHODS.md §6): Fisher-arbitrated resolve, private-region sparsify, × λ.
+
+    Needs each expert's diagonal Fisher as the extra input ``"fisher"`` (CLI
+    ``--fisher=DIR,DIR``). N = 2 is the paper's rule
+    (eq. 12–16), other N the house generalisation (see :mod:`jaxmerge.sensitivity`).
+
+    Args:
+      arbitration: ``hard`` (paper) or ``fisher_weighted``.
+      drop_rate: p = 0.2 for the small private entries.
+      scale_factor: λ = 1.0.
+      epsilon: |τ| > ε counts as updated (1e-5).
+    """
+    return chain(sensitivity.sar_resolve(arbitration, epsilon),
+                 sensitivity.private_sparsify(drop_rate, epsilon), scale(scale_factor))
+
+
+def fisher(floor: float = 1e-6) -> Merge:
+    """Fisher merging (Matena & Raffel 2022, METHODS.md §7): Δ = Σ F̃_t τ_t / Σ F̃_t,
+    F̃ = F + 1e-6, with each expert's diagonal Fisher as the extra input ``"fisher"``."""
+    return sensitivity.fisher_weighted_mean(floor)
+
+
 CALIBRATIONS = ("none", "svc")
 """Post-hoc calibrations the CLI can wrap around any method (``--calibrate``)."""
 
@@ -241,6 +265,12 @@ REGISTRY: dict[str, MethodSpec] = {
                           "ISO-CTS: ISO-C on common + task-specific subspaces"),
     "star": MethodSpec(star, {"star_eta": "eta"},
                        "STAR: per-task spectral truncation and rescale, then mean"),
+    "sar": MethodSpec(sar, {"arbitration": "arbitration", "sar_drop_rate": "drop_rate",
+                            "scale": "scale_factor", "sar_epsilon": "epsilon"},
+                      "SAR-Merging: Fisher-arbitrated conflicts, sparse private region "
+                      "(needs --fisher)"),
+    "fisher": MethodSpec(fisher, {"fisher_floor": "floor"},
+                         "Fisher merging: Fisher-weighted average (needs --fisher)"),
 }
 """CLI method name -> MethodSpec."""
 

@@ -1160,3 +1160,67 @@ def head_residual_geometry(taus, k=1):
         "head_retention": retention(heads),
         "residual_retention": retention(residuals),
     }
+
+
+# ---------------------------------------------------------------------------
+# §6 SAR-Merging and §7 Fisher merging. ``fisher`` is [N, *shape], the experts' sensitivities.
+
+
+def sar_resolve(taus, fisher, arbitration="hard", eps=UPDATE_EPS):
+    """τ^r entry by entry: the paper's eq. 12–14 for N = 2, the house rule otherwise."""
+    taus = _as_taus(taus)
+    fisher = _f64(fisher)
+    n = taus.shape[0]
+    flat_t = taus.reshape(n, -1)
+    flat_s = fisher.reshape(n, -1)
+    out = np.zeros(flat_t.shape[1])
+    for j in range(flat_t.shape[1]):
+        t, s = flat_t[:, j], flat_s[:, j]
+        if n == 2:
+            if t[0] * t[1] >= 0:
+                out[j] = t[0] + t[1]
+            elif arbitration == "fisher_weighted" and s.sum() > 0:
+                out[j] = (s * t).sum() / s.sum()
+            else:
+                out[j] = t[0] if s[0] > s[1] else t[1]  # ties -> B
+            continue
+        active = [i for i in range(n) if abs(t[i]) > eps]
+        if not active:
+            continue
+        signs = {np.sign(t[i]) for i in active}
+        if arbitration == "fisher_weighted" and len(signs) > 1 and sum(s[i] for i in active) > 0:
+            out[j] = sum(s[i] * t[i] for i in active) / sum(s[i] for i in active)
+            continue
+        best = max(active, key=lambda i: (s[i], i))  # largest S, ties -> the later expert
+        out[j] = sum(t[i] for i in active if np.sign(t[i]) == np.sign(t[best]))
+    return out.reshape(taus.shape[1:])
+
+
+def sar_private(taus, eps=UPDATE_EPS):
+    """Entries updated (|τ| > eps) by exactly one expert."""
+    taus = _as_taus(taus)
+    return (np.abs(taus) > eps).sum(axis=0) == 1
+
+
+def sar_drop_candidates(resolved, private):
+    """Private entries with |τ^r| below the median |τ^r| of the private entries."""
+    resolved = _f64(resolved)
+    if not private.any():
+        return np.zeros_like(private)
+    median = np.median(np.abs(resolved[private]))
+    return private & (np.abs(resolved) < median)
+
+
+def sar(taus, fisher, keep_mask, p=0.2, scale=1.0, arbitration="hard", eps=UPDATE_EPS):
+    """SAR-Merging Δ with an explicit keep mask for the private small entries."""
+    resolved = sar_resolve(taus, fisher, arbitration, eps)
+    candidates = sar_drop_candidates(resolved, sar_private(taus, eps))
+    sparse = np.where(candidates, np.where(keep_mask, resolved / (1 - p), 0.0), resolved)
+    return scale * sparse
+
+
+def fisher_merge(taus, fisher, floor=1e-6):
+    """Fisher merging Δ = Σ F̃_t τ_t / Σ F̃_t, F̃ = F + floor (Matena & Raffel)."""
+    taus = _as_taus(taus)
+    weights = _f64(fisher) + floor
+    return (weights * taus).sum(axis=0) / weights.sum(axis=0)

@@ -163,7 +163,7 @@ def plot_spectral(tables: dict, n: int, path: pathlib.Path, tensor_spectra: list
     axes[2].set_yscale("log")
     axes[2].set(ylabel="rank (mean over matrices, log scale)",
                 title="Ranks before / after removing the head")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     axes[2].grid(alpha=0.3, axis="y")
     return _save(fig, path)
 

@@ -91,7 +91,7 @@ def verdict(tables: dict, num_experts: int, registry=None) -> dict:
     else:
         alignment = "near-orthogonal" if abs(cosine) < ORTHOGONAL_BELOW else "aligned"
         reasons.append(f"mean layer-wise cosine of task vectors {cosine:+.3f} "
-                       f"({alignment}; near-orthogonal below |{ORTHOGONAL_BELOW}|)")
+                       f"({alignment}: near-orthogonal when |cos| < {ORTHOGONAL_BELOW})")
         reasons.append(
             f"entries: {numbers['private']:.2%} private, {numbers['overlap']:.2%} agreeing "
             f"overlap, {numbers['conflict']:.2%} conflict; {numbers['private_share']:.0%} of "
