@@ -23,10 +23,19 @@ SAR-Merging (Sensitivity-aware Resolving Merging, papers/sar-merging §5):
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
-from jaxmerge.algebra import LeafContext, Merge, rowwise
+from jaxmerge.algebra import LeafContext, Merge, rowwise, stats_pass
 from jaxmerge.errors import ConfigError
-from jaxmerge.ops import expert_count, expert_sum, keep_masks, kth_smallest_abs
+from jaxmerge.ops import (
+    expert_count,
+    expert_sum,
+    high_bin_counts,
+    keep_masks,
+    kth_smallest_abs,
+    low_bin_counts,
+    select_bin,
+)
 
 FISHER = "fisher"
 """Name of the per-expert extra input: the diagonal Fisher checkpoints."""
@@ -120,6 +129,16 @@ def sar_resolve(arbitration: str = "hard", epsilon: float = UPDATE_EPS) -> Merge
     return rowwise(apply, extra_inputs=(FISHER,))
 
 
+def _private_magnitudes(resolved, taus, epsilon):
+    """(private mask, |τ^r| at private entries and +inf elsewhere)."""
+    private = expert_count(jnp.abs(taus) > jnp.float32(epsilon)) == 1
+    return private, jnp.where(private, jnp.abs(resolved), jnp.inf)
+
+
+def _median_of(lower, upper):
+    return jnp.float32(0.5) * (lower + upper)
+
+
 def private_median(resolved, private):
     """Median of |τ^r| over the private entries (mean of the two middle values for an
     even count, as ``numpy.median``), and whether there is any private entry."""
@@ -127,7 +146,41 @@ def private_median(resolved, private):
     values = jnp.where(private, jnp.abs(resolved), jnp.inf).ravel()
     lower = kth_smallest_abs(values, jnp.maximum((count - 1) // 2, 0))
     upper = kth_smallest_abs(values, jnp.maximum(count // 2, 0))
-    return 0.5 * (lower + upper), count > 0
+    return _median_of(lower, upper), count > 0
+
+
+def _median_passes(epsilon: float):
+    """Two per-leaf passes finding the private median exactly by radix select, for
+    tensors the executor merges in row blocks (whole tensors select in-call)."""
+
+    def high_partial(resolved, ctx):
+        private, values = _private_magnitudes(resolved, ctx.taus, epsilon)
+        return {"counts": high_bin_counts(values), "private": jnp.sum(private, dtype=jnp.int32)}
+
+    def high_finalize(total, stats):
+        count = int(total["private"])
+        ranks = np.array([max((count - 1) // 2, 0), max(count // 2, 0)], np.int64)
+        counts = np.asarray(total["counts"], np.int64)
+        high, inner = select_bin(np.stack([counts, counts]), ranks, xp=np)
+        return {"any": np.bool_(count > 0), "high": high.astype(np.int32),
+                "rank": inner.astype(np.float64)}
+
+    high_pass = stats_pass(high_partial, high_finalize, "SAR private median (1/2)", True)
+
+    def low_partial(resolved, ctx):
+        _, values = _private_magnitudes(resolved, ctx.taus, epsilon)
+        high = jnp.asarray(ctx.stats[high_pass.id]["high"])
+        return jnp.stack([low_bin_counts(values, high[0]), low_bin_counts(values, high[1])])
+
+    def low_finalize(total, stats):
+        first = stats[high_pass.id]
+        low, _ = select_bin(np.asarray(total, np.int64), first["rank"].astype(np.int64), xp=np)
+        bits = (first["high"].astype(np.uint32) << 16) | low.astype(np.uint32)
+        lower, upper = bits.astype(np.uint32).view(np.float32)
+        return {"median": np.float32(0.5) * (lower + upper), "any": first["any"]}
+
+    low_pass = stats_pass(low_partial, low_finalize, "SAR private median (2/2)", True)
+    return high_pass, low_pass
 
 
 def private_sparsify(drop_rate: float = 0.2, epsilon: float = UPDATE_EPS) -> Merge:
@@ -136,26 +189,33 @@ def private_sparsify(drop_rate: float = 0.2, epsilon: float = UPDATE_EPS) -> Mer
     Private = exactly one expert has |τ_t| > ε (from ``ctx.taus``). Private entries
     with |τ^r| below the tensor's private median are dropped with probability
     ``drop_rate`` (0.2) and the survivors scaled by 1/(1 − p); everything else is
-    kept. The mask is a pure function of (seed, tensor name, entry position).
-    The median is a whole-tensor statistic, so this step is not row-splittable.
+    kept. The mask is a pure function of (seed, tensor name, entry position), and
+    the median is exact (a radix select: inside the compiled call for a whole
+    tensor, two per-leaf statistics passes when the executor splits a tensor into
+    row blocks), so the result does not depend on how a tensor is chunked.
     """
     if not 0.0 <= drop_rate < 1.0:
         raise ConfigError(f"drop_rate must be in [0, 1), got {drop_rate}")
     _check_epsilon(epsilon)
     keep = 1.0 - drop_rate
+    passes = _median_passes(epsilon)
 
     def apply(resolved, ctx):
         if drop_rate == 0.0:
             return resolved
-        private = expert_count(jnp.abs(ctx.taus) > jnp.float32(epsilon)) == 1
-        median, any_private = private_median(resolved, private)
+        private, _ = _private_magnitudes(resolved, ctx.taus, epsilon)
+        if passes[1].id in ctx.stats:
+            found = ctx.stats[passes[1].id]
+            median, any_private = jnp.asarray(found["median"]), jnp.asarray(found["any"])
+        else:
+            median, any_private = private_median(resolved, private)
         candidate = private & (jnp.abs(resolved) < median) & any_private
         probabilities = jnp.full((1, *resolved.shape), keep, jnp.float32)
         kept = keep_masks(ctx.keys[:1], probabilities, "sar_private", ctx.row_offset)[0]
         return jnp.where(candidate, jnp.where(kept, resolved / jnp.float32(keep), 0.0),
                          resolved)
 
-    return Merge(apply)
+    return rowwise(apply, passes=passes if drop_rate > 0 else ())
 
 
 def fisher_weighted_mean(floor: float = FISHER_FLOOR) -> Merge:
