@@ -50,7 +50,6 @@ from jaxmerge.methods import (
     dare_linear,
     dare_ties,
     della,
-    fisher,
     iso_c,
     iso_cts,
     linear,
@@ -65,6 +64,7 @@ from jaxmerge.methods import (
     ties,
     tsv,
 )
+from jaxmerge.methods import fisher as fisher_merging
 from jaxmerge.version import __version__
 
 __all__ = (
@@ -94,7 +94,7 @@ __all__ = (
     "iso_cts",
     "layers",
     "linalg",
-    "fisher",
+    "fisher_merging",
     "linear",
     "matrix",
     "merge",

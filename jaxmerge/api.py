@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge import distributed
 from jaxmerge.algebra import Merge
 from jaxmerge.errors import ConfigError
 from jaxmerge.executor import DEFAULT_CHUNK_BYTES, Executor, RunReport
@@ -77,6 +79,7 @@ def merge_checkpoints(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool = False,
     command: str | None = None,
+    mesh_shape: str | Sequence[int] | None = None,
 ) -> MergeResult:
     """Merges Hugging Face checkpoint directories into a new one, streaming.
 
@@ -98,11 +101,21 @@ def merge_checkpoints(
       output_format: ``safetensors`` or ``orbax``.
       overwrite: replace an existing output.
       extras: per-expert extra inputs by name (e.g. Fisher directories).
-      chunk_bytes: memory budget of one batched chunk.
+      chunk_bytes: memory budget of one batched chunk, per device.
       progress: show progress bars.
+      mesh_shape: the device mesh (e.g. ``(8,)``); default every device. On several
+        processes (after :func:`jaxmerge.distributed.initialize`) every process calls
+        this function with the same arguments: each reads only the slices its devices
+        hold and writes its own bytes into the shared output files (the output must be
+        on a file system every process sees); process 0 writes headers, the index and
+        the metadata, and renames the result into place.
     """
     if output_format not in ("safetensors", "orbax"):
         raise ConfigError(f"format must be 'safetensors' or 'orbax', got {output_format!r}")
+    mesh = distributed.make_mesh(mesh_shape)
+    processes = distributed.process_count()
+    if processes > 1 and output_format != "safetensors":
+        raise ConfigError("a multi-process merge writes safetensors only (--format=safetensors)")
     if max_shard_size <= 0:
         raise ConfigError(f"max_shard_size must be positive, got {max_shard_size}")
     output = pathlib.Path(output)
@@ -120,7 +133,8 @@ def merge_checkpoints(
     for warning in plan.warnings:
         logger.warning(warning)
     executor = Executor(merge, plan, base_source, expert_sources, extra_sources,
-                        key=jax.random.key(seed), chunk_bytes=chunk_bytes, progress=progress)
+                        key=jax.random.key(seed), chunk_bytes=chunk_bytes, progress=progress,
+                        mesh=mesh)
     record = {
         "jaxmerge_version": __version__,
         "method": method_name,
@@ -134,39 +148,100 @@ def merge_checkpoints(
         "warnings": plan.warnings,
     }
     files: list[str] = []
-    try:
-        with hf.atomic_output(output, overwrite) as staging:
-            if output_format == "safetensors":
-                writer = ShardedWriter(staging, plan.output_tensors, max_shard_size,
-                                       metadata={"jaxmerge_version": __version__})
-                try:
-                    report = executor.run(writer.write)
-                except BaseException:
-                    writer.abort()
-                    raise
-                files = [str(f) for f in writer.close()]
-            else:
-                from jaxmerge.io.orbax_io import save_orbax
 
-                arrays = _collect(executor, plan)
-                report = executor.report
-                save_orbax(staging / ORBAX_SUBDIR, arrays)
-                files = [ORBAX_SUBDIR]
-            hf.write_config(base_source.config, staging, _output_dtype_name(plan),
-                            plan.config_overrides)
-            hf.copy_auxiliary(base_source.checkpoint.directory, staging)
-            record["seconds"] = round(report.seconds, 3)
-            hf.write_record(staging, record)
-            hf.write_model_card(
-                staging, base=str(base), experts=[str(p) for p in experts], method=method_name,
-                hyperparameters=dict(hyperparameters or {}),
-                command=command or " ".join(sys.argv), version=__version__)
+    def finish(staging, report):
+        hf.write_config(base_source.config, staging, _output_dtype_name(plan),
+                        plan.config_overrides)
+        hf.copy_auxiliary(base_source.checkpoint.directory, staging)
+        record["seconds"] = round(report.seconds, 3)
+        hf.write_record(staging, record)
+        hf.write_model_card(
+            staging, base=str(base), experts=[str(p) for p in experts], method=method_name,
+            hyperparameters=dict(hyperparameters or {}),
+            command=command or " ".join(sys.argv), version=__version__)
+
+    try:
+        if processes > 1:
+            report, files = _run_processes(executor, plan, output, overwrite, max_shard_size,
+                                           finish)
+        else:
+            report, files = _run_single(executor, plan, output, overwrite, output_format,
+                                        max_shard_size, finish)
     finally:
         for source in [base_source, *expert_sources,
                        *[s for sources in extra_sources.values() for s in sources]]:
             source.close()
     report.bytes_read = sum(s.bytes_read for s in [base_source, *expert_sources])
     return MergeResult(output=output, report=report, warnings=plan.warnings, files=files)
+
+
+def _run_single(executor: Executor, plan: Plan, output: pathlib.Path, overwrite: bool,
+                output_format: str, max_shard_size: int, finish) -> tuple[RunReport, list[str]]:
+    """The one-process run: everything written into a staging directory, renamed at the end."""
+    with hf.atomic_output(output, overwrite) as staging:
+        if output_format == "safetensors":
+            writer = ShardedWriter(staging, plan.output_tensors, max_shard_size,
+                                   metadata={"jaxmerge_version": __version__})
+            try:
+                report = executor.run(writer.write)
+            except BaseException:
+                writer.abort()
+                raise
+            files = [str(f) for f in writer.close()]
+        else:
+            from jaxmerge.io.orbax_io import save_orbax
+
+            arrays = _collect(executor, plan)
+            report = executor.report
+            save_orbax(staging / ORBAX_SUBDIR, arrays)
+            files = [ORBAX_SUBDIR]
+        finish(staging, report)
+    return report, files
+
+
+def _run_processes(executor: Executor, plan: Plan, output: pathlib.Path, overwrite: bool,
+                   max_shard_size: int, finish) -> tuple[RunReport, list[str]]:
+    """The multi-process run: shared output files, each process writing its own bytes.
+
+    Process 0 creates the staging directory and every shard file (headers written, sizes
+    fixed); after a barrier the others open the same files; every process pwrites the
+    tensors and row ranges its devices computed; the byte totals are summed across
+    processes and must cover the checkpoint; process 0 then writes the index, config,
+    tokenizer, record and card and renames the staging directory into place.
+    """
+    leader = distributed.process_index() == 0
+    staging = output.parent / f".{output.name}.jaxmerge-tmp-{distributed.shared_token()}"
+    metadata = {"jaxmerge_version": __version__}
+    writer = None
+    try:
+        if leader:
+            hf.check_output_available(output, overwrite)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+            writer = ShardedWriter(staging, plan.output_tensors, max_shard_size, metadata)
+        distributed.barrier("jaxmerge-output-created")
+        if not leader:
+            writer = ShardedWriter(staging, plan.output_tensors, max_shard_size, metadata,
+                                   create=False)
+        try:
+            report = executor.run(writer.write)
+        except BaseException:
+            writer.abort()
+            raise
+        files = [str(f) for f in writer.close(check=False, index=leader)]
+        written = distributed.all_processes_sum(writer.bytes_written)
+        if written != writer.total_bytes:
+            raise RuntimeError(f"the processes wrote {written} of {writer.total_bytes} bytes")
+        if leader:
+            finish(staging, report)
+            hf.check_output_available(output, overwrite)
+            hf.replace_directory(staging, output)
+        distributed.barrier("jaxmerge-output-done")
+    except BaseException:
+        if leader:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report, files
 
 
 def _collect(executor: Executor, plan: Plan) -> dict[str, np.ndarray]:
@@ -192,6 +267,7 @@ def merge(
     extras: Mapping[str, Sequence] | None = None,
     dtype: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    mesh_shape: str | Sequence[int] | None = None,
 ):
     """Merges in-memory pytrees (e.g. Flax params) with the same executor as the CLI.
 
@@ -203,7 +279,10 @@ def merge(
         the same result as ``--seed=seed`` on the command line. Default seed 0.
       extras: per-expert extra pytrees by name (e.g. ``{"fisher": [...]}``).
       dtype: output dtype; default each base leaf's dtype.
-      chunk_bytes: memory budget of one batched chunk.
+      chunk_bytes: memory budget of one batched chunk, per device.
+      mesh_shape: the mesh of this process's devices; default all of them (the result
+        does not depend on it). In-memory pytrees are merged by each process on its own
+        devices, even after ``jax.distributed.initialize``.
 
     Returns:
       The merged pytree, with the structure of ``base_params``.
@@ -222,6 +301,7 @@ def merge(
     for warning in plan.warnings:
         logger.warning(warning)
     executor = Executor(method, plan, base_source, sources, extra_sources, key=as_key(key),
-                        chunk_bytes=chunk_bytes)
+                        chunk_bytes=chunk_bytes,
+                        mesh=distributed.make_mesh(mesh_shape, jax.local_devices()))
     arrays = _collect(executor, plan)
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[name]) for name in base_flat])

@@ -11,6 +11,13 @@ inputs plus one of outputs, never a whole model.
 Whole-model statistics (``Merge.passes``) run first, one streaming pass each,
 summing per-leaf partials on the host in 64-bit.
 
+Over a device mesh (``mesh=``; see :mod:`jaxmerge.distributed`) the chunk budget is
+per device and each chunk takes one of two strategies: *leaf-parallel*, the stacked
+leaves (or row blocks) split over the devices, each running the one-device program
+under ``shard_map``; or *row-sharded*, one leaf too large for a device whose merge is
+not row-wise, split by rows, with XLA partitioning the program. Every process reads
+only its devices' slices and hands only its devices' results to ``write``.
+
 Randomness: the key of expert t on leaf ``name`` is
 ``fold_in(fold_in(key, crc32(name)), t)``: independent of order, batching and
 chunk size, so the same inputs, flags and seed give bit-identical outputs.
@@ -29,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmerge import distributed
 from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
@@ -81,6 +90,9 @@ class RunReport:
     read_wait_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_wait_seconds: float = 0.0
+    devices: int = 1
+    leaf_parallel_chunks: int = 0
+    row_sharded_chunks: int = 0
     stats: dict = dataclasses.field(default_factory=dict)
 
 
@@ -117,7 +129,7 @@ def _finite_flags(base, experts, extras):
     return jnp.concatenate(flags)
 
 
-def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
+def _apply_one(merge: Merge, info: LeafInfo, out_dtype):
     def one(*args):
         # Flags first, then a barrier: without it XLA:CPU fuses the flag reductions
         # with the merge's elementwise work into one loop nest that runs ~20× slower
@@ -128,34 +140,141 @@ def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
         delta = merge.apply(ctx.taus, ctx)
         return (ctx.base + delta).astype(out_dtype), flags
 
-    return jax.jit(jax.vmap(one, in_axes=_IN_AXES))
+    return one
 
 
-def _compile_pass(stats_pass: StatsPass, info: LeafInfo):
-    """Per-item partials for per-leaf passes; their valid-masked sum for global ones."""
+def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
+    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES))
 
+
+def _pass_one(stats_pass: StatsPass, info: LeafInfo):
     def one(*args):
         ctx = _leaf_context(info, *args)
         return stats_pass.partial(ctx.taus, ctx)
 
-    batched = jax.vmap(one, in_axes=_IN_AXES)
-    if stats_pass.per_leaf:
-        return jax.jit(lambda valid, *args: batched(*args))
+    return one
 
-    def summed(valid, *args):
-        return jax.tree.map(
-            lambda p: jnp.sum(p * valid.reshape((-1,) + (1,) * (p.ndim - 1)).astype(p.dtype),
-                              axis=0),
-            batched(*args),
-        )
 
-    return jax.jit(summed)
+def _masked_sum(valid, partials):
+    return jax.tree.map(
+        lambda p: jnp.sum(p * valid.reshape((-1,) + (1,) * (p.ndim - 1)).astype(p.dtype),
+                          axis=0),
+        partials,
+    )
+
+
+def _pass_call(stats_pass: StatsPass, info: LeafInfo, key_impl=None):
+    """``(valid, key, *arrays)`` -> per-item partials (per-leaf passes), or the sum of the
+    valid items' partials with a leading axis of 1 (whole-model passes; the host sums
+    those in 64 bits). With ``key_impl`` the key arrives as raw key data."""
+    batched = jax.vmap(_pass_one(stats_pass, info), in_axes=_IN_AXES)
+    if key_impl is not None:
+        batched = _with_key(batched, key_impl)
+
+    def call(valid, *args):
+        partials = batched(*args)
+        if stats_pass.per_leaf:
+            return partials
+        return jax.tree.map(lambda p: p[None], _masked_sum(valid, partials))
+
+    return call
+
+
+def _compile_pass(stats_pass: StatsPass, info: LeafInfo):
+    return jax.jit(_pass_call(stats_pass, info))
+
+
+def _with_key(fn, key_impl):
+    """``fn(key, ...)`` taking raw key data instead (global arrays carry no typed keys)."""
+
+    def call(key_data, *args):
+        return fn(jax.random.wrap_key_data(key_data, impl=key_impl), *args)
+
+    return call
+
+
+LEAVES = "leaves"
+"""Leaf-parallel strategy: a chunk's stacked leaves (or row blocks) split over the devices."""
+
+ROWS = "rows"
+"""Intra-leaf strategy: one leaf, sharded by rows over every device; XLA partitions the merge."""
+
+
+def _over_leaves(fn, mesh, strategy: str, out_specs, *, valid: bool = False):
+    """``fn`` of ([valid,] key data, *per-leaf arrays, global stats, per-leaf stats) over
+    the mesh.
+
+    Leaf-parallel: under ``shard_map`` over the chunk axis, so each device runs the
+    one-device program on its own leaves, without communication. Row-sharded: as it is,
+    for XLA to partition over the rows of its sharded inputs.
+    """
+    if strategy != LEAVES:
+        return fn
+    split, whole = PartitionSpec(tuple(mesh.axis_names)), PartitionSpec()
+    # key, hashes, offsets, base, experts, extras, global stats, per-leaf stats
+    in_specs = (whole, split, split, split, split, split, whole, split)
+    if valid:
+        in_specs = (split, *in_specs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def _compile_apply_global(merge: Merge, info: LeafInfo, out_dtype, mesh, strategy: str,
+                          key_impl):
+    """The apply call of one chunk over a mesh: merged values sharded like the inputs
+    (by leaf or by row), finiteness flags replicated (every process sees every flag)."""
+    batched = _with_key(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES), key_impl)
+    split = PartitionSpec(tuple(mesh.axis_names))
+    fn = _over_leaves(batched, mesh, strategy, (split, split))
+    out_dim = 0 if strategy == LEAVES else 1
+    merged = NamedSharding(mesh, distributed.split_spec(mesh, out_dim, 1 + len(info.shape)))
+    return jax.jit(fn, out_shardings=(merged, distributed.replicated(mesh)))
+
+
+def _compile_pass_global(stats_pass: StatsPass, info: LeafInfo, mesh, strategy: str, key_impl):
+    """A statistics pass over a mesh (see :func:`_pass_call`), its result replicated so
+    that every process gets it. Leaf-parallel, the leading axis of a whole-model sum
+    has one entry per device (each device sums its own leaves, so int32 counts never
+    cover more than one device's chunk); row-sharded, XLA reduces across devices."""
+    split = PartitionSpec(tuple(mesh.axis_names))
+    fn = _over_leaves(_pass_call(stats_pass, info, key_impl), mesh, strategy, split, valid=True)
+    return jax.jit(fn, out_shardings=distributed.replicated(mesh))
 
 
 @dataclasses.dataclass
 class _Chunk:
-    leaves: list[LeafPlan]
-    size: int  # padded size
+    """The leaves of one compiled call, by position (slot) along the stacked chunk axis.
+
+    ``slots`` has the chunk's fixed size; None marks padding. ``strategy``: None on one
+    device, LEAVES or ROWS over a mesh.
+    """
+
+    slots: list[LeafPlan | None]
+    strategy: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def leaves(self) -> list[LeafPlan]:
+        return [leaf for leaf in self.slots if leaf is not None]
+
+    def ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per slot: the leaf's name hash (PRNG salt) and first row (0 for padding)."""
+        hashes = np.array([name_hash(leaf.name) if leaf else 0 for leaf in self.slots],
+                          np.uint32)
+        offsets = np.array([leaf.block[0] if leaf and leaf.block else 0 for leaf in self.slots],
+                           np.int32)
+        return hashes, offsets
+
+
+def _spread(leaves: list[LeafPlan], devices: int, per_device: int) -> list[LeafPlan | None]:
+    """Slots of a leaf-parallel chunk: leaf i on device i mod D, so a short chunk's padding
+    is spread over the devices (and the processes) instead of piling up on the last."""
+    slots: list[LeafPlan | None] = [None] * (devices * per_device)
+    for i, leaf in enumerate(leaves):
+        slots[(i % devices) * per_device + i // devices] = leaf
+    return slots
 
 
 class Executor:
@@ -166,13 +285,18 @@ class Executor:
       plan: from :func:`jaxmerge.plan.build_plan`.
       base, experts, extras: the sources the plan was built from.
       key: root PRNG key (``jax.random.key(seed)``).
-      chunk_bytes: memory budget for one chunk of inputs plus float32 work arrays.
+      chunk_bytes: memory budget for one chunk of inputs plus float32 work arrays, per
+        device.
       progress: show tqdm progress bars on stderr.
+      mesh: a :class:`jax.sharding.Mesh` to run over (see :mod:`jaxmerge.distributed`);
+        None or a one-device mesh: the default device, as before. On several processes
+        every process builds the same executor and runs it; each reads and writes only
+        what its own devices hold.
     """
 
     def __init__(self, merge: Merge, plan: Plan, base: Source, experts: Sequence[Source],
                  extras: Mapping[str, Sequence[Source]] | None = None, *, key=None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False, mesh=None):
         self.merge = merge
         self.plan = plan
         self.base = base
@@ -187,6 +311,10 @@ class Executor:
         self.progress = progress
         self.report = RunReport()
         self._compiled: dict = {}
+        self.mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
+        self._devices = 1 if self.mesh is None else int(self.mesh.devices.size)
+        self._process, self._processes = distributed.process_rank(self.mesh)
+        self.report.devices = self._devices
         merge.check(len(self.experts))
 
     # -- planning chunks ---------------------------------------------------
@@ -203,31 +331,78 @@ class Executor:
 
     def _chunks(self, applies=None, only_blocks=False) -> list[_Chunk]:
         """Chunks of same-shape leaves within the budget; oversized leaves of
-        row-wise merges become row blocks first. ``only_blocks``: just those blocks."""
+        row-wise merges become row blocks first. ``applies``: only the leaves (or blocks)
+        a statistics pass covers; ``only_blocks``: just the blocks.
+
+        Leaves are split into blocks before ``applies`` filters them, so that a pass
+        sees exactly the blocks the merge will see."""
         chunks = []
-        for leaves in self.plan.groups.values():
-            if applies is not None:
-                leaves = [leaf for leaf in leaves if applies(leaf.info)]
-            if not leaves:
-                continue
+        for leaves in self._routed_groups():
             for group in self._split_oversized(leaves):
-                if only_blocks and group[0].block is None:
+                if applies is not None:
+                    group = [leaf for leaf in group if applies(leaf.info)]
+                if not group or (only_blocks and group[0].block is None):
                     continue
-                size = max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(
-                    group[0]))))
-                for start in range(0, len(group), size):
-                    chunks.append(_Chunk(group[start:start + size], size))
+                chunks.extend(self._group_chunks(group))
         return chunks
+
+    def _routed_groups(self) -> list[list[LeafPlan]]:
+        """The plan's shape groups, split further by the merge's static routing choice:
+        a compiled call applies one choice to every leaf of its chunk."""
+        groups = []
+        for leaves in self.plan.groups.values():
+            by_choice: dict = {}
+            for leaf in leaves:
+                by_choice.setdefault(self.merge.choose(leaf.info), []).append(leaf)
+            groups.extend(by_choice.values())
+        return groups
+
+    def _group_chunks(self, group: list[LeafPlan]) -> list[_Chunk]:
+        """Equal-size chunks of one group's leaves (the last one padded).
+
+        One device: as many leaves as the budget holds. A mesh: row-sharded chunks of
+        one leaf each (see :meth:`_row_sharded`), or leaf-parallel chunks of up to the
+        budget's worth of leaves per device, padded to fill every device."""
+        size = max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(group[0]))))
+        if self.mesh is not None and self._row_sharded(group[0]):
+            return [_Chunk([leaf], ROWS) for leaf in group]
+        if self.mesh is None:
+            return [_Chunk(group[start:start + size] + [None] * (start + size - len(group)))
+                    for start in range(0, len(group), size)]
+        per_device = min(size, -(-len(group) // self._devices))
+        size = self._devices * per_device
+        return [_Chunk(_spread(group[start:start + size], self._devices, per_device), LEAVES)
+                for start in range(0, len(group), size)]
+
+    def _row_sharded(self, leaf: LeafPlan) -> bool:
+        """Intra-leaf strategy: a leaf still over the per-device budget (its merge is not
+        row-wise, so it was not cut into row blocks) whose rows divide evenly over the
+        devices. (Otherwise the leaf goes whole to one device, over the budget.)"""
+        shape = leaf.info.shape
+        return (self._leaf_bytes(leaf) > self.chunk_bytes and len(shape) >= 1
+                and shape[0] % self._devices == 0)
 
     def _split_oversized(self, leaves: list[LeafPlan]) -> list[list[LeafPlan]]:
         """[leaves], or, for leaves over the budget that can be merged by rows, groups of
-        equally shaped row blocks (the last block of each leaf may be shorter)."""
+        equally shaped row blocks (the last block of each leaf may be shorter).
+
+        Over a mesh, a group of fewer leaves than devices, each over 1/devices of the
+        budget, is also cut into row blocks so that every device gets work (row-wise
+        merges give identical results in blocks): intra-leaf sharding of an elementwise
+        merge, each device merging its own rows."""
         first = leaves[0]
         leaf_bytes = self._leaf_bytes(first)
         rows = first.info.shape[0] if first.info.shape else 1
-        if leaf_bytes <= self.chunk_bytes or rows < 2 or not self.merge.rowwise(first.info):
+        devices = self._devices
+        spread = 1
+        if devices > 1 and len(leaves) < devices and leaf_bytes * devices > self.chunk_bytes:
+            spread = -(-devices // len(leaves))
+        if ((leaf_bytes <= self.chunk_bytes and spread == 1) or rows < 2
+                or not self.merge.rowwise(first.info)):
             return [leaves]
         rows_per_block = max(1, self.chunk_bytes // (leaf_bytes // rows))
+        if spread > 1:
+            rows_per_block = min(rows_per_block, -(-rows // spread))
         by_shape: dict[tuple, list[LeafPlan]] = {}
         for leaf in leaves:
             for block in leaf.row_blocks(rows_per_block):
@@ -240,6 +415,8 @@ class Executor:
         return source.entries()[leaf.name][0]
 
     def _read_chunk(self, chunk: _Chunk):
+        if chunk.strategy is not None:
+            return self._read_chunk_global(chunk)
         first = chunk.leaves[0]
         shape = first.info.shape
         n = len(self.experts)
@@ -250,7 +427,9 @@ class Executor:
             name: np.zeros((chunk.size, n, *shape), self._dtype_of(first, sources[0]))
             for name, sources in self.extras.items()
         }
-        for i, leaf in enumerate(chunk.leaves):
+        for i, leaf in enumerate(chunk.slots):
+            if leaf is None:
+                continue
             rows = leaf.read_rows
             self.base.read(leaf.name, base[i], rows)
             for t, expert in enumerate(self.experts):
@@ -258,14 +437,66 @@ class Executor:
             for name, sources in self.extras.items():
                 for t, source in enumerate(sources):
                     source.read(leaf.name, extras[name][i, t], rows)
-        hashes = np.zeros(chunk.size, np.uint32)
-        hashes[: len(chunk.leaves)] = [name_hash(leaf.name) for leaf in chunk.leaves]
-        offsets = np.zeros(chunk.size, np.int32)
-        offsets[: len(chunk.leaves)] = [leaf.block[0] if leaf.block else 0
-                                        for leaf in chunk.leaves]
+        hashes, offsets = chunk.ids()
         nbytes = base.nbytes + experts.nbytes + sum(v.nbytes for v in extras.values())
         nbytes = nbytes * len(chunk.leaves) // chunk.size
         return (hashes, offsets, base, experts, extras), nbytes
+
+    def _read_chunk_global(self, chunk: _Chunk):
+        """The chunk as global arrays over the mesh; each process reads only the leaves
+        (leaf-parallel) or rows (row-sharded) that its own devices hold."""
+        first = chunk.leaves[0]
+        counter = [0]  # bytes read by this process
+
+        def stacked(sources, dtype, experts_axis: bool):
+            return self._global_stack(chunk, sources, dtype, experts_axis, counter)
+
+        base_dtype = self._dtype_of(first, self.base)
+        base = stacked([self.base], base_dtype, False)
+        experts = stacked(self.experts, base_dtype, True)
+        extras = {name: stacked(sources, self._dtype_of(first, sources[0]), True)
+                  for name, sources in self.extras.items()}
+        hashes, offsets = chunk.ids()
+        hashes = distributed.global_array(hashes, self._per_leaf_sharding(chunk, 1))
+        offsets = distributed.global_array(offsets, self._per_leaf_sharding(chunk, 1))
+        return (hashes, offsets, base, experts, extras), counter[0]
+
+    def _per_leaf_sharding(self, chunk: _Chunk, ndim: int) -> NamedSharding:
+        """Sharding of a per-item array ``[size, ...]``: split like the leaves
+        (leaf-parallel), or replicated (row-sharded: one item, all devices)."""
+        if chunk.strategy == LEAVES:
+            return NamedSharding(self.mesh, distributed.split_spec(self.mesh, 0, ndim))
+        return distributed.replicated(self.mesh)
+
+    def _global_stack(self, chunk: _Chunk, sources: list[Source], dtype, experts_axis: bool,
+                      counter: list[int]):
+        """``[size, (N,) *shape]`` stacked from ``sources`` as a global array split over
+        the mesh by leaf (leaf-parallel) or by row (row-sharded). The callback JAX calls
+        for each of this process's devices reads just that device's leaves or rows."""
+        shape = chunk.leaves[0].info.shape
+        lead = (chunk.size, len(sources)) if experts_axis else (chunk.size,)
+        row_dim = len(lead)
+        split = 0 if chunk.strategy == LEAVES else row_dim
+        sharding = NamedSharding(self.mesh, distributed.split_spec(
+            self.mesh, split, len(lead) + len(shape)))
+
+        def callback(index):
+            items = range(*index[0].indices(chunk.size))
+            rows = (index[row_dim].indices(shape[0])[:2] if chunk.strategy == ROWS else None)
+            local = (rows[1] - rows[0], *shape[1:]) if rows else shape
+            out = np.zeros((len(items), *lead[1:], *local), dtype)
+            for j, i in enumerate(items):
+                leaf = chunk.slots[i]
+                if leaf is None:
+                    continue  # padding
+                read_rows = _leaf_rows(leaf, rows)
+                for t, source in enumerate(sources):
+                    target = out[j, t] if experts_axis else out[j]
+                    source.read(leaf.name, target, read_rows)
+                    counter[0] += target.nbytes
+            return out
+
+        return jax.make_array_from_callback((*lead, *shape), sharding, callback)
 
     def _stream(self, chunks: list[_Chunk], description: str):
         """Yields (chunk, arrays) with the next chunk's read running in the background."""
@@ -300,6 +531,8 @@ class Executor:
         info = chunk.leaves[0].info
         key = (kind, info.group_key(), self.merge.choose(info), chunk.leaves[0].out_dtype.str,
                chunk.leaves[0].out_dtype.name)
+        if chunk.strategy is not None:
+            key += (chunk.strategy,)
         if key not in self._compiled:
             self._compiled[key] = factory(info)
             self.report.compiled_calls += 1
@@ -337,18 +570,41 @@ class Executor:
         passes (row blocks of one leaf summed), {None: sum over every leaf} otherwise."""
         totals: dict = {}
         for chunk, arrays in self._stream(chunks, label):
-            fn = self._compiled_fn(("pass", stats_pass.id), chunk,
-                                   lambda info, p=stats_pass: _compile_pass(p, info))
-            valid = np.arange(chunk.size) < len(chunk.leaves)
-            partial = jax.tree.map(_widen, fn(valid, *self._call_args(chunk, arrays, stats)))
+            fn = self._compiled_fn(
+                ("pass", stats_pass.id), chunk,
+                lambda info, p=stats_pass, c=chunk: self._compile_pass(p, info, c))
+            valid = np.array([leaf is not None for leaf in chunk.slots])
+            if chunk.strategy is not None:
+                valid = distributed.global_array(valid, self._per_leaf_sharding(chunk, 1))
+            partial = jax.tree.map(lambda p: _widen(distributed.local_value(p)),
+                                   fn(valid, *self._call_args(chunk, arrays, stats)))
             if stats_pass.per_leaf:
-                for i, leaf in enumerate(chunk.leaves):
-                    item = jax.tree.map(lambda p, i=i: p[i], partial)
-                    _accumulate(totals, leaf.name, item)
-            else:
-                _accumulate(totals, None, partial)
-            self.report.chunks += 1
+                for i, leaf in enumerate(chunk.slots):
+                    if leaf is not None:
+                        _accumulate(totals, leaf.name, jax.tree.map(lambda p, i=i: p[i], partial))
+            else:  # partial sums, one per device (or one)
+                _accumulate(totals, None, jax.tree.map(lambda p: p.sum(axis=0), partial))
+            self._count_chunk(chunk)
         return totals
+
+    def _compile_pass(self, stats_pass: StatsPass, info: LeafInfo, chunk: _Chunk):
+        if chunk.strategy is None:
+            return _compile_pass(stats_pass, info)
+        return _compile_pass_global(stats_pass, info, self.mesh, chunk.strategy,
+                                    jax.random.key_impl(self.key))
+
+    def _compile_apply(self, info: LeafInfo, out_dtype, chunk: _Chunk):
+        if chunk.strategy is None:
+            return _compile_apply(self.merge, info, out_dtype)
+        return _compile_apply_global(self.merge, info, out_dtype, self.mesh, chunk.strategy,
+                                     jax.random.key_impl(self.key))
+
+    def _count_chunk(self, chunk: _Chunk) -> None:
+        self.report.chunks += 1
+        if chunk.strategy == LEAVES:
+            self.report.leaf_parallel_chunks += 1
+        elif chunk.strategy == ROWS:
+            self.report.row_sharded_chunks += 1
 
     def measure(self, stats_pass: StatsPass, label: str | None = None) -> dict[str, PyTree]:
         """Runs one per-leaf statistics pass over *every* leaf it applies to.
@@ -376,15 +632,28 @@ class Executor:
         hashes, offsets, base, experts, extras = arrays
         global_stats = {key: jax.tree.map(np.asarray, value) for key, value in stats.items()
                         if not isinstance(value, _PerLeaf)}
-        names = [leaf.name for leaf in chunk.leaves]
-        names += [names[0]] * (chunk.size - len(names))  # padding repeats the first leaf
+        first = chunk.leaves[0].name
+        names = [leaf.name if leaf else first for leaf in chunk.slots]  # padding: first leaf
         leaf_stats = {
             key: jax.tree.map(lambda *items: np.stack([np.asarray(i) for i in items]),
                               *[value[name] for name in names])
             for key, value in stats.items() if isinstance(value, _PerLeaf)
             and all(name in value for name in names)
         }
-        return (self.key, hashes, offsets, base, experts, extras, global_stats, leaf_stats)
+        if chunk.strategy is None:
+            return (self.key, hashes, offsets, base, experts, extras, global_stats, leaf_stats)
+        # Over a mesh every argument is a global array: replicated, or split like the leaves.
+        replicated = distributed.replicated(self.mesh)
+
+        def per_leaf(value):
+            value = np.asarray(value)
+            return distributed.global_array(value, self._per_leaf_sharding(chunk, value.ndim))
+
+        key_data = distributed.global_array(jax.random.key_data(self.key), replicated)
+        global_stats = jax.tree.map(lambda v: distributed.global_array(v, replicated),
+                                    global_stats)
+        leaf_stats = jax.tree.map(per_leaf, leaf_stats)
+        return (key_data, hashes, offsets, base, experts, extras, global_stats, leaf_stats)
 
     def run(self, write) -> RunReport:
         """Merges every tensor and hands it to ``write(name, array, rows=None)``."""
@@ -400,22 +669,24 @@ class Executor:
             for chunk, arrays in self._stream(self._chunks(), "merge"):
                 out_dtype = chunk.leaves[0].out_dtype
                 fn = self._compiled_fn("apply", chunk,
-                                       lambda info, d=out_dtype: _compile_apply(self.merge, info,
-                                                                                d))
+                                       lambda info, d=out_dtype, c=chunk: self._compile_apply(
+                                           info, d, c))
                 computed = time.perf_counter()
                 merged, finite = fn(*self._call_args(chunk, arrays, stats))
-                self._check_finite(chunk, np.asarray(finite))
-                merged = np.asarray(merged)
+                self._check_finite(chunk, distributed.local_value(finite))
+                pieces = self._local_pieces(chunk, merged)
                 waited = time.perf_counter()
                 self.report.compute_seconds += waited - computed
                 if pending is not None:
                     pending.result()
                 self.report.write_wait_seconds += time.perf_counter() - waited
-                pending = pool.submit(self._write_chunk, write, chunk, merged, aliases)
-                self.report.chunks += 1
+                pending = pool.submit(self._write_pieces, write, pieces, aliases)
+                self._count_chunk(chunk)
             if pending is not None:
                 pending.result()
-            for leaf in self.plan.leaves:
+            for index, leaf in enumerate(self.plan.leaves):
+                if index % self._processes != self._process:
+                    continue  # copies and vocabulary tails are spread over the processes
                 if leaf.copy:
                     self._copy_from_base(write, leaf)
                 elif leaf.merged and leaf.tail is not None:
@@ -424,11 +695,37 @@ class Executor:
         self.report.seconds = time.perf_counter() - start
         return self.report
 
-    def _write_chunk(self, write, chunk: _Chunk, merged: np.ndarray, aliases) -> None:
-        for i, leaf in enumerate(chunk.leaves):
+    def _local_pieces(self, chunk: _Chunk, merged) -> list[tuple[LeafPlan, np.ndarray, tuple]]:
+        """(leaf, values, rows) of the merged output that this process holds.
+
+        One device: every leaf of the chunk. A mesh: the shards of this process's
+        devices (replica 0 only), so every element of the global result is in exactly
+        one process's pieces.
+        """
+        if chunk.strategy is None:
+            merged = np.asarray(merged)
+            return [(leaf, merged[i], leaf.read_rows) for i, leaf in enumerate(chunk.slots)
+                    if leaf is not None]
+        pieces = []
+        for shard in merged.addressable_shards:
+            if shard.replica_id != 0:
+                continue
+            data = np.asarray(shard.data)
+            items = range(*shard.index[0].indices(chunk.size))
+            rows = None
+            if chunk.strategy == ROWS:
+                rows = shard.index[1].indices(chunk.leaves[0].info.shape[0])[:2]
+            for j, i in enumerate(items):
+                leaf = chunk.slots[i]
+                if leaf is not None:
+                    pieces.append((leaf, data[j], _leaf_rows(leaf, rows)))
+        return pieces
+
+    def _write_pieces(self, write, pieces, aliases) -> None:
+        for leaf, values, rows in pieces:
             for name in [leaf.name, *aliases.get(leaf.name, [])]:
-                write(name, merged[i], leaf.read_rows)
-                if leaf.block is None or leaf.block[1] == (leaf.rows or leaf.out_shape[0]):
+                write(name, values, rows)
+                if rows is None or rows[1] == (leaf.rows or leaf.out_shape[0]):
                     self.report.tensors_written += 1
 
     def _write_tail(self, write, name: str, leaf: LeafPlan) -> None:
@@ -450,14 +747,22 @@ class Executor:
             return
         owners = [self.base, *self.experts] + [s for sources in self.extras.values()
                                                for s in sources]
-        for i, leaf in enumerate(chunk.leaves):
+        for i, leaf in enumerate(chunk.slots):
             bad = np.flatnonzero(~finite[i])
-            if bad.size:
+            if leaf is not None and bad.size:
                 source = owners[bad[0]]
                 raise NonFiniteError(
                     f"tensor {leaf.name!r} in {source.location(leaf.name)} contains NaN or "
                     "infinite values"
                 )
+
+
+def _leaf_rows(leaf: LeafPlan, rows: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The rows to read (or write) for ``rows`` of a leaf's merged rows (None: all)."""
+    if rows is None:
+        return leaf.read_rows
+    first = leaf.read_rows[0] if leaf.read_rows else 0
+    return (first + rows[0], first + rows[1])
 
 
 def _widen(value):

@@ -6,11 +6,13 @@ streaming run. No math lives here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import runpy
 import shlex
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -18,6 +20,7 @@ from jaxmerge import methods
 from jaxmerge.algebra import Merge
 from jaxmerge.cli_support import enable_compilation_cache, parse_size
 from jaxmerge.errors import ConfigError, JaxmergeError
+from jaxmerge.io.hf import check_output_available
 
 
 def _usage() -> str:
@@ -81,6 +84,24 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxmerge/xla",
     "Directory of JAX's persistent compilation cache: a repeated merge of the same shapes "
     "skips XLA compilation. Empty string: off.")
+# Scale-out (jaxmerge.distributed): a device mesh, and jax.distributed for many processes.
+_MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", None,
+    "Devices to merge on, as a mesh shape, e.g. 8 or 2,4 (-1: the remaining devices). "
+    "Default: every device (of every process). The result does not depend on it.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process merge: HOST:PORT of process 0, for jax.distributed.initialize. Every "
+    "process runs the same command with its own --process_id; the output directory must be "
+    "on a file system all processes see.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process merge: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-process merge: this process's index, 0..N-1.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Call jax.distributed.initialize() with the cluster JAX detects (TPU pods, SLURM, "
+    "Open MPI, ...), when --coordinator_address is not given.")
 _DEMO = flags.DEFINE_bool(
     "demo", False,
     "Build the real SmolLM2-135M-Instruct base and 3 derived RL-style experts in --demo_dir "
@@ -153,6 +174,25 @@ _FISHER = flags.DEFINE_list(
     "fisher", None,
     "Per-expert diagonal Fisher checkpoints (python -m jaxmerge.fisher), comma-separated, in "
     "the order of --experts: the sensitivities of sar and fisher.")
+_VALIDATION_DATA = flags.DEFINE_list(
+    "validation_data", None,
+    "Instead of --fisher: validation JSONL ({\"prompt\", \"response\"} or {\"text\"} per line), "
+    "one file for every expert or one per expert in the order of --experts. Each expert's "
+    "diagonal Fisher is computed on it first (as python -m jaxmerge.fisher does) into a "
+    "temporary directory beside --output, removed afterwards.")
+_FISHER_MODE = flags.DEFINE_enum(
+    "fisher_mode", "per_example", ["per_example", "per_batch"],
+    "--validation_data: per_example (the definition, mean of squared per-example gradients) "
+    "or per_batch (squared micro-batch gradients / N, cheaper).")
+_FISHER_BATCH_SIZE = flags.DEFINE_integer("fisher_batch_size", 8, "--validation_data: examples "
+                                          "per micro-batch.", lower_bound=1)
+_FISHER_MAX_LENGTH = flags.DEFINE_integer("fisher_max_length", 512, "--validation_data: most "
+                                          "tokens per example, prompt included.", lower_bound=2)
+_FISHER_MAX_EXAMPLES = flags.DEFINE_integer("fisher_max_examples", None, "--validation_data: "
+                                            "use only the first N examples of each file.",
+                                            lower_bound=1)
+_CHAT_TEMPLATE = flags.DEFINE_bool("chat_template", False, "--validation_data: wrap each "
+                                   "prompt as a user turn of the tokenizer's chat template.")
 
 _CALIBRATE = flags.DEFINE_enum("calibrate", "none", list(methods.CALIBRATIONS),
                                "Post-hoc calibration of any method or recipe: svc rescales each "
@@ -205,20 +245,90 @@ def _demo_inputs() -> tuple[str, list[str], str]:
     return str(base), [str(e) for e in experts], output
 
 
-def _extras(merge: Merge, num_experts: int) -> dict[str, list[str]]:
-    """The per-expert extra inputs the method reads (Fisher checkpoints), checked."""
+def _fisher_settings() -> dict:
+    """The --validation_data Fisher settings, as recorded with the merge."""
+    return {"validation_data": list(_VALIDATION_DATA.value), "fisher_mode": _FISHER_MODE.value,
+            "fisher_batch_size": _FISHER_BATCH_SIZE.value,
+            "fisher_max_length": _FISHER_MAX_LENGTH.value,
+            "fisher_max_examples": _FISHER_MAX_EXAMPLES.value,
+            "chat_template": _CHAT_TEMPLATE.value}
+
+
+def _validation_files(num_experts: int) -> list[pathlib.Path]:
+    """--validation_data as one existing file per expert."""
+    files = [pathlib.Path(f).expanduser() for f in _VALIDATION_DATA.value]
+    if len(files) == 1:
+        files = files * num_experts
+    if len(files) != num_experts:
+        raise ConfigError(f"--validation_data lists {len(files)} files for {num_experts} experts: "
+                          "give one file for all, or one per expert in the order of --experts")
+    for file in files:
+        if not file.is_file():
+            raise ConfigError(f"--validation_data file {file} does not exist")
+    return files
+
+
+def _has_tokenizer(directory) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return any((pathlib.Path(directory) / name).is_file() for name in names)
+
+
+def _compute_fishers(base: str, experts: list[str], files: list[pathlib.Path],
+                     scratch: pathlib.Path) -> list[str]:
+    """Each expert's diagonal Fisher on its validation file, written under ``scratch``."""
+    from jaxmerge.fisher import fisher_for_checkpoint, write_fisher
+
+    directories = []
+    for index, (expert, file) in enumerate(zip(experts, files, strict=True)):
+        print(f"Fisher {index + 1}/{len(experts)}: {expert} on {file} ({_FISHER_MODE.value})",
+              file=sys.stderr, flush=True)
+        tokenizer = expert if _has_tokenizer(expert) else base
+        tensors, stats = fisher_for_checkpoint(
+            expert, file, mode=_FISHER_MODE.value, batch_size=_FISHER_BATCH_SIZE.value,
+            max_length=_FISHER_MAX_LENGTH.value, max_examples=_FISHER_MAX_EXAMPLES.value,
+            chat_template=_CHAT_TEMPLATE.value, tokenizer_dir=tokenizer,
+            progress=_PROGRESS.value)
+        directory = scratch / f"fisher-{index}"
+        write_fisher(directory, tensors, {"model": str(expert), "data": str(file),
+                                          **stats.as_dict()})
+        directories.append(str(directory))
+    return directories
+
+
+@contextlib.contextmanager
+def _extras(merge: Merge, base: str, experts: list[str], output: str, overwrite: bool):
+    """The per-expert extra inputs the method reads (Fisher checkpoints), checked.
+
+    With --validation_data the Fishers are computed first into a scratch directory beside
+    the output, removed when the merge is done (or fails).
+    """
+    given = "--fisher" if _FISHER.value else "--validation_data" if _VALIDATION_DATA.value else ""
     if "fisher" not in merge.extra_inputs:
-        if _FISHER.value:
-            raise ConfigError("--fisher is only read by methods that use Fisher information "
+        if given:
+            raise ConfigError(f"{given} is only read by methods that use Fisher information "
                               "(sar, fisher)")
-        return {}
-    if not _FISHER.value:
+        yield {}
+        return
+    if _FISHER.value and _VALIDATION_DATA.value:
+        raise ConfigError("give --fisher (precomputed) or --validation_data (computed now), "
+                          "not both")
+    if _FISHER.value:
+        if len(_FISHER.value) != len(experts):
+            raise ConfigError(f"--fisher lists {len(_FISHER.value)} checkpoints for "
+                              f"{len(experts)} experts: give one per expert, in the order of "
+                              "--experts")
+        yield {"fisher": list(_FISHER.value)}
+        return
+    if not _VALIDATION_DATA.value:
         raise ConfigError("this method needs each expert's diagonal Fisher: pass "
-                          "--fisher=DIR,DIR (from python -m jaxmerge.fisher), one per expert")
-    if len(_FISHER.value) != num_experts:
-        raise ConfigError(f"--fisher lists {len(_FISHER.value)} checkpoints for {num_experts} "
-                          "experts: give one per expert, in the order of --experts")
-    return {"fisher": list(_FISHER.value)}
+                          "--validation_data=FILE.jsonl (computed now) or --fisher=DIR,DIR "
+                          "(from python -m jaxmerge.fisher), one per expert")
+    files = _validation_files(len(experts))
+    check_output_available(output, overwrite)  # before the costly part
+    parent = pathlib.Path(output).expanduser().resolve().parent
+    with tempfile.TemporaryDirectory(prefix=".jaxmerge-fisher-",
+                                     dir=parent if parent.is_dir() else None) as scratch:
+        yield {"fisher": _compute_fishers(base, experts, files, pathlib.Path(scratch))}
 
 
 def run(argv) -> int:
@@ -227,6 +337,10 @@ def run(argv) -> int:
 
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxmerge import distributed  # before anything starts a JAX backend
+
+    distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           auto=_DISTRIBUTED.value)
     if _METHOD.value and _RECIPE.value:
         raise ConfigError("give --method or --recipe, not both")
     method = _METHOD.value or ("resmerge" if _DEMO.value and not _RECIPE.value else None)
@@ -253,22 +367,27 @@ def run(argv) -> int:
     if _CALIBRATE.value != "none":
         merge = methods.calibrate(merge, _CALIBRATE.value, _SVC_FLOOR.value)
         hyper.update(calibrate=_CALIBRATE.value, svc_floor=_SVC_FLOOR.value)
-    extras = _extras(merge, len(experts))
+    if _VALIDATION_DATA.value and "fisher" in merge.extra_inputs:
+        hyper.update(_fisher_settings())
+    max_shard_size = parse_size(_MAX_SHARD_SIZE.value, "max_shard_size")
+    chunk_bytes = parse_size(_CHUNK_MEMORY.value, "chunk_memory")
     enable_compilation_cache(_COMPILATION_CACHE.value)
-    result = merge_checkpoints(
-        merge, base, experts, output,
-        method_name=name,
-        hyperparameters=hyper,
-        seed=_SEED.value,
-        dtype=_DTYPE.value,
-        max_shard_size=parse_size(_MAX_SHARD_SIZE.value, "max_shard_size"),
-        output_format=_FORMAT.value,
-        overwrite=overwrite,
-        chunk_bytes=parse_size(_CHUNK_MEMORY.value, "chunk_memory"),
-        progress=_PROGRESS.value,
-        extras=extras,
-        command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
+    with _extras(merge, base, experts, output, overwrite) as extras:
+        result = merge_checkpoints(
+            merge, base, experts, output,
+            method_name=name,
+            hyperparameters=hyper,
+            seed=_SEED.value,
+            dtype=_DTYPE.value,
+            max_shard_size=max_shard_size,
+            output_format=_FORMAT.value,
+            overwrite=overwrite,
+            chunk_bytes=chunk_bytes,
+            progress=_PROGRESS.value,
+            extras=extras,
+            command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            mesh_shape=_MESH_SHAPE.value,
+        )
     report = result.report
     print(f"merged {len(experts)} experts with {name} into {result.output} "
           f"({report.tensors_written} tensors, {report.bytes_read / 1e6:.0f} MB read, "

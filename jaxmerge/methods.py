@@ -268,9 +268,10 @@ REGISTRY: dict[str, MethodSpec] = {
     "sar": MethodSpec(sar, {"arbitration": "arbitration", "sar_drop_rate": "drop_rate",
                             "scale": "scale_factor", "sar_epsilon": "epsilon"},
                       "SAR-Merging: Fisher-arbitrated conflicts, sparse private region "
-                      "(needs --fisher)"),
+                      "(needs --validation_data or --fisher)"),
     "fisher": MethodSpec(fisher, {"fisher_floor": "floor"},
-                         "Fisher merging: Fisher-weighted average (needs --fisher)"),
+                         "Fisher merging: Fisher-weighted average (needs --validation_data or "
+                         "--fisher)"),
 }
 """CLI method name -> MethodSpec."""
 

@@ -64,6 +64,19 @@ def test_update_statistics_match_numpy(n):
     np.testing.assert_array_equal(got["shared_by"], [(count == c).sum() for c in range(n + 1)])
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_region_stats_are_the_numpy_fractions(n):
+    taus = sparse_taus(np.random.default_rng(10 + n), n, (17, 9))
+    got = jax.jit(statistics.region_stats)(jnp.asarray(taus))
+    expected = ref.all_regions(taus)
+    assert set(got) == set(statistics.REGIONS)
+    for region in statistics.REGIONS:
+        assert float(got[region]) == pytest.approx(expected[region], abs=1e-7), region
+    assert sum(float(v) for v in got.values()) == pytest.approx(1.0)
+    zero = statistics.region_stats(jnp.zeros((n, 5, 3)))
+    assert float(zero["unchanged"]) == 1.0 and float(zero["private"]) == 0.0
+
+
 def test_disjoint_supports_are_private_and_orthogonal():
     n, size = 3, 600
     taus = np.zeros((n, size), np.float32)

@@ -126,15 +126,29 @@ def test_cli_matches_numpy_reference_and_loads(tiny, tmp_path, method, args, per
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging left
 
 
+def fisher_like(base, directory, seed) -> pathlib.Path:
+    """A Fisher checkpoint for ``base``: positive float32 values, the base's tensor names."""
+    rng = np.random.default_rng(seed)
+    tensors = {name: rng.gamma(0.5, 1e-3, value.shape).astype(np.float32)
+               for name, value in read_native(base).items()}
+    return write_checkpoint(directory, tensors)
+
+
 @pytest.mark.parametrize("method", list(methods.REGISTRY))
 def test_cli_equals_library_merge(tiny, tmp_path, method):
     base, experts = tiny
     experts = experts[:2] if method == "slerp" else experts
     out = tmp_path / "merged"
-    assert run_cli(f"--method={method}", f"--base={base}", experts_flag(experts),
-                   f"--output={out}", "--seed=5") == 0
     merge = methods.build(method, {})
-    library = jaxmerge.merge(merge, read_native(base), [read_native(e) for e in experts], key=5)
+    fisher_args, extras = [], None
+    if "fisher" in merge.extra_inputs:
+        fishers = [fisher_like(base, tmp_path / f"fisher-{i}", seed=i) for i in range(len(experts))]
+        fisher_args = ["--fisher=" + ",".join(str(f) for f in fishers)]
+        extras = {"fisher": [read_native(f) for f in fishers]}
+    assert run_cli(f"--method={method}", f"--base={base}", experts_flag(experts),
+                   f"--output={out}", "--seed=5", *fisher_args) == 0
+    library = jaxmerge.merge(merge, read_native(base), [read_native(e) for e in experts], key=5,
+                             extras=extras)
     files = read_native(out)
     for name, value in library.items():
         np.testing.assert_array_equal(np.asarray(value), files[name], err_msg=name)

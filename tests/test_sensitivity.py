@@ -107,7 +107,7 @@ def test_sar_in_row_blocks_equals_whole_tensor(n):
     """A tensor over the chunk budget is merged in row blocks; the private median then
     comes from two statistics passes and must give the same bytes."""
     taus, fisher = sparse_case(np.random.default_rng(30 + n), n, shape=(64, 48))
-    for method in (jaxmerge.sar(), jaxmerge.sar("fisher_weighted"), jaxmerge.fisher()):
+    for method in (jaxmerge.sar(), jaxmerge.sar("fisher_weighted"), jaxmerge.fisher_merging()):
         whole = merge_arrays(method, taus, fisher, seed=2)
         blocks = merge_arrays(method, taus, fisher, seed=2, chunk_bytes=4096)
         np.testing.assert_array_equal(blocks, whole)
@@ -142,16 +142,16 @@ def test_sar_properties():
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_fisher_merging_matches_reference(n):
     taus, fisher = sparse_case(np.random.default_rng(20 + n), n)
-    got = merge_arrays(jaxmerge.fisher(), taus, fisher)
+    got = merge_arrays(jaxmerge.fisher_merging(), taus, fisher)
     np.testing.assert_allclose(got, ref.fisher_merge(taus, fisher), rtol=1e-5, atol=1e-7)
     # Zero Fisher everywhere: the plain mean.
-    np.testing.assert_allclose(merge_arrays(jaxmerge.fisher(), taus, 0 * fisher),
+    np.testing.assert_allclose(merge_arrays(jaxmerge.fisher_merging(), taus, 0 * fisher),
                                taus.mean(0), rtol=1e-5, atol=1e-7)
 
 
 def test_bad_options_are_rejected():
     for build in (lambda: jaxmerge.sar(arbitration="soft"), lambda: jaxmerge.sar(drop_rate=1.0),
-                  lambda: jaxmerge.sar(epsilon=-1.0), lambda: jaxmerge.fisher(floor=0.0)):
+                  lambda: jaxmerge.sar(epsilon=-1.0), lambda: jaxmerge.fisher_merging(floor=0.0)):
         with pytest.raises(ConfigError):
             build()
     with pytest.raises(Exception, match="fisher"):

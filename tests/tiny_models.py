@@ -75,3 +75,39 @@ def make_tiny_model(family: str, out_dir: str | os.PathLike, *, seed: int = 0, *
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir, model
+
+
+TINY_WORDS = ("user", "assistant", ":", "?", ".", "the", "a", "cat", "dog", "sat", "on", "mat",
+              "what", "is", "two", "plus", "three", "four", "five", "yes", "no", "red", "blue",
+              "green")
+"""Words of :func:`make_tiny_tokenizer` (after ``<pad> <s> </s> <unk>``, ids 0-3)."""
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+
+
+def make_tiny_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 128):
+    """Saves a word-level tokenizer (no download) into ``out_dir`` and returns it.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1 (BOS, prepended by ``tokenizer(text)``), ``</s>`` 2 (EOS),
+    ``<unk>`` 3, then :data:`TINY_WORDS`, then ``w{id}`` up to ``vocab_size`` (matching
+    :data:`_COMMON`'s special ids and vocabulary). Words split on whitespace and punctuation;
+    decoding joins words with spaces. Has a chat template (:data:`TINY_CHAT_TEMPLATE`).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", *TINY_WORDS]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer

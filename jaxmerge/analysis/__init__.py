@@ -15,10 +15,12 @@ regime verdict in :mod:`.verdict`, files in :mod:`.report` and figures in :mod:`
 from jaxmerge.analysis.report import build_report, summary_text, write_report
 from jaxmerge.analysis.statistics import (
     ENERGY_RANKS,
+    REGIONS,
     UPDATE_EPS,
     cosines,
     mean_retention,
     pair_indices,
+    region_stats,
     spectral_statistics,
     spectrum_summary,
     update_statistics,
@@ -37,6 +39,7 @@ from jaxmerge.analysis.verdict import verdict
 
 __all__ = [
     "ENERGY_RANKS",
+    "REGIONS",
     "UPDATE_EPS",
     "Measurements",
     "TensorMeasurement",
@@ -48,6 +51,7 @@ __all__ = [
     "measure_checkpoints",
     "measure_sources",
     "pair_indices",
+    "region_stats",
     "spectral_pass",
     "spectral_statistics",
     "spectrum_summary",

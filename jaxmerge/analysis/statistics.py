@@ -115,6 +115,24 @@ def update_statistics(taus: Array, eps: float = UPDATE_EPS) -> dict[str, Array]:
     }
 
 
+REGIONS = ("unchanged", "private", "overlap", "conflict")
+"""The region names, in the order of ``update_statistics(...)["regions"]``."""
+
+
+def region_stats(taus: Array, eps: float = UPDATE_EPS) -> dict[str, Array]:
+    """Fractions of one tensor's entries in SAR-Merging's regions (METHODS.md §6).
+
+    A partition over all N experts of ``taus`` ``f32[N, *shape]``, an entry counting as
+    updated by expert t when |τ_t| > ``eps`` (default 1e-5): *unchanged* (no expert),
+    *private* (exactly one), *overlap* (two or more, all of one sign), *conflict* (two or
+    more, signs disagreeing). For N = 2 these are the paper's regions. Jittable; the four
+    fractions sum to 1.
+    """
+    counts = update_statistics(taus, eps)["regions"]
+    total = jnp.maximum(jnp.sum(counts), 1).astype(jnp.float32)
+    return {name: counts[i].astype(jnp.float32) / total for i, name in enumerate(REGIONS)}
+
+
 def spectrum_summary(sigma: Array, energy_ranks=ENERGY_RANKS) -> dict[str, Array]:
     """Energy shares of the top-k (one per k in ``energy_ranks``), stable and effective
     rank of one descending spectrum ``sigma: f32[r]``; all 0 for a zero spectrum."""

@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from jaxmerge.analysis.statistics import pair_indices
+from jaxmerge.analysis.statistics import REGIONS, pair_indices
 from jaxmerge.analysis.streaming import Measurements, TensorMeasurement
 from jaxmerge.linalg import COS_EPS
 
-REGIONS = ("unchanged", "private", "overlap", "conflict")
 GEOMETRY = ("head_agreement", "residual_coherence", "residual_pair_cos", "head_retention",
             "residual_retention")
 

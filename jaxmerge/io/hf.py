@@ -157,6 +157,11 @@ def _remove(path: pathlib.Path) -> None:
         path.unlink()
 
 
+def replace_directory(staging, output) -> None:
+    """Renames the finished ``staging`` directory to ``output`` (replacing an existing one)."""
+    _replace(pathlib.Path(staging), pathlib.Path(output))
+
+
 def _replace(staging: pathlib.Path, output: pathlib.Path) -> None:
     """Renames ``staging`` to ``output``, moving an existing output aside first."""
     old = None

@@ -494,7 +494,8 @@ class ShardedWriter:
     """
 
     def __init__(self, directory, tensors: list[tuple[str, np.dtype, tuple[int, ...]]],
-                 max_shard_size: int, metadata: dict[str, str] | None = None):
+                 max_shard_size: int, metadata: dict[str, str] | None = None, *,
+                 create: bool = True):
         """Creates the shard files.
 
         Args:
@@ -502,6 +503,9 @@ class ShardedWriter:
           tensors: (name, dtype, shape) of every tensor, in output order.
           max_shard_size: most data bytes per shard (a bigger tensor gets a shard alone).
           metadata: extra string entries for each header's ``__metadata__``.
+          create: create the files (header written, size fixed); False opens files that
+            another process created with the same arguments, to write its own tensors
+            or row ranges into them (multi-process merges).
 
         Raises:
           ValueError: duplicate names, unsupported dtypes or non-string metadata.
@@ -525,12 +529,13 @@ class ShardedWriter:
         self._fds: list[int] = []
         try:
             for shard, members in enumerate(shards):
-                self._create_shard(shard, [tensors[i] for i in members], metadata)
+                self._create_shard(shard, [tensors[i] for i in members], metadata, create)
         except BaseException:
             self.abort()
             raise
 
-    def _create_shard(self, shard: int, tensors: list, metadata: dict[str, str]) -> None:
+    def _create_shard(self, shard: int, tensors: list, metadata: dict[str, str],
+                      create: bool = True) -> None:
         tensors = sorted(tensors, key=lambda tensor: -tensor[1].itemsize)
         specs, begin = {}, 0
         for name, dtype, shape in tensors:
@@ -544,6 +549,9 @@ class ShardedWriter:
             self._slots[name] = _Slot(shard, dtype, shape, start,
                                       math.prod(shape) * dtype.itemsize)
         path = self.directory / self._files[shard]
+        if not create:
+            self._fds.append(os.open(path, os.O_WRONLY))
+            return
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._fds.append(fd)
         _pwrite_all(fd, memoryview(header), 0)
@@ -581,8 +589,25 @@ class ShardedWriter:
         with self._lock:
             self._written[name].append((begin, begin + len(buffer)))
 
-    def close(self) -> list[str]:
+    @property
+    def bytes_written(self) -> int:
+        """Tensor bytes written through this writer so far."""
+        with self._lock:
+            return sum(stop - start for ranges in self._written.values()
+                       for start, stop in ranges)
+
+    @property
+    def total_bytes(self) -> int:
+        """Tensor bytes of the whole checkpoint."""
+        return sum(slot.nbytes for slot in self._slots.values())
+
+    def close(self, *, check: bool = True, index: bool = True) -> list[str]:
         """Checks every tensor was fully written, syncs the files and writes the index.
+
+        Args:
+          check: verify that every tensor was fully written through this writer (a
+            multi-process merge checks byte totals across processes instead).
+          index: write the index (one process does, in a multi-process merge).
 
         Returns:
           Names of the files written (shards, then the index if there is more than one).
@@ -591,20 +616,20 @@ class ShardedWriter:
           RuntimeError: a tensor was not (fully) written; the files are closed.
         """
         for name, slot in self._slots.items():
-            if not _covered(self._written[name], slot.nbytes):
+            if check and not _covered(self._written[name], slot.nbytes):
                 self.abort()
                 raise RuntimeError(f"tensor {name!r} was not fully written")
         for fd in self._fds:
             os.fsync(fd)
         self.abort()
         files = self.shard_files
-        if len(files) > 1:
-            index = {
+        if len(files) > 1 and index:
+            index_json = {
                 "metadata": {"total_size": sum(slot.nbytes for slot in self._slots.values())},
                 "weight_map": {name: files[self._slots[name].shard]
                                for name in sorted(self._slots)},
             }
-            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (self.directory / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n")
             files.append(INDEX_FILE)
         return files
 

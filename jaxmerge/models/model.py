@@ -13,6 +13,7 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -152,6 +153,20 @@ def apply(graphdef: nnx.GraphDef, params: Params, batch: Mapping[str, jax.Array]
     return model(batch["input_ids"], batch.get("attention_mask"), batch.get("positions"))
 
 
+@dataclasses.dataclass(frozen=True)
+class ApplyFn:
+    """:func:`apply` bound to one graph definition: ``apply_fn(params, batch) -> logits``.
+
+    Equal (and hashing equal) for models of the same architecture, so jitted code that takes
+    it as a static argument compiles once for all of them (e.g. one Fisher per expert).
+    """
+
+    graphdef: Any
+
+    def __call__(self, params: Params, batch: Mapping[str, jax.Array]) -> jax.Array:
+        return apply(self.graphdef, params, batch)
+
+
 def functional(model: CausalLM) -> tuple[Callable[[Params, Mapping[str, jax.Array]], jax.Array],
                                          Params]:
     """``(apply_fn, params)`` with ``apply_fn(params, batch) -> logits`` a pure function.
@@ -162,7 +177,7 @@ def functional(model: CausalLM) -> tuple[Callable[[Params, Mapping[str, jax.Arra
       grads = jax.grad(lambda p: loss(apply_fn(p, batch), batch))(params)
     """
     graphdef, params = split(model)
-    return functools.partial(apply, graphdef), params
+    return ApplyFn(graphdef), params
 
 
 @functools.partial(jax.jit, static_argnums=0)
