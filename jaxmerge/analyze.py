@@ -9,14 +9,12 @@ the experts are in and the methods the measurements favour.
 
 from __future__ import annotations
 
-import logging
 import pathlib
-import sys
 
 from absl import app, flags
 
-from jaxmerge.cli_support import enable_compilation_cache, parse_size
-from jaxmerge.errors import ConfigError, JaxmergeError
+from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command
+from jaxmerge.errors import ConfigError
 
 
 def _usage() -> str:
@@ -124,15 +122,7 @@ def run(argv) -> int:
 
 
 def main(argv) -> int:
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
-    try:
-        return run(argv)
-    except JaxmergeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

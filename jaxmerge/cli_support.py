@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import pathlib
 import re
+import sys
+from collections.abc import Callable, Sequence
 
-from jaxmerge.errors import ConfigError
+from jaxmerge.errors import ConfigError, JaxmergeError
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -42,3 +44,20 @@ def enable_compilation_cache(directory: str) -> None:
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def run_command(run: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int:
+    """Runs a command line's ``run(argv)`` the way every jaxmerge CLI reports failures.
+
+    User errors (:class:`JaxmergeError`) print one ``error: ...`` line and exit 2, an
+    interrupt exits 130; warnings print as ``warning: ...``; no traceback for either.
+    """
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
+    try:
+        return run(argv)
+    except JaxmergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130

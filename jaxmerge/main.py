@@ -7,7 +7,6 @@ streaming run. No math lives here.
 from __future__ import annotations
 
 import contextlib
-import logging
 import pathlib
 import runpy
 import shlex
@@ -18,7 +17,7 @@ from absl import app, flags
 
 from jaxmerge import methods
 from jaxmerge.algebra import Merge
-from jaxmerge.cli_support import enable_compilation_cache, parse_size
+from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.io.hf import check_output_available
 
@@ -398,15 +397,7 @@ def run(argv) -> int:
 
 
 def main(argv) -> int:
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
-    try:
-        return run(argv)
-    except JaxmergeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":
