@@ -184,6 +184,13 @@ class Encoded:
     def take(self, index) -> Encoded:
         return Encoded(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
+    def training_batch(self, rows) -> dict[str, jax.Array]:
+        """``input_ids``, ``attention_mask`` and ``target_mask`` of ``rows``, as device arrays
+        (the batch of a cross-entropy step on the response tokens)."""
+        return {"input_ids": jnp.asarray(self.input_ids[rows]),
+                "attention_mask": jnp.asarray(self.attention_mask[rows]),
+                "target_mask": jnp.asarray(self.target_mask[rows])}
+
 
 def encode(tokenizer, pairs: Sequence[tuple[str, str]], length: int, prompt_length: int,
            chat_template: bool = False) -> Encoded:

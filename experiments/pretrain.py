@@ -150,10 +150,7 @@ def pretrain(config: Config, prepared: dict[str, TaskData], out_dir, eval_every:
     curve = []
     for index, rows in enumerate(common.batches(rng, len(encoded), config.pretrain_batch,
                                                 config.pretrain_steps)):
-        batch = {"input_ids": jnp.asarray(encoded.input_ids[rows]),
-                 "attention_mask": jnp.asarray(encoded.attention_mask[rows]),
-                 "target_mask": jnp.asarray(encoded.target_mask[rows])}
-        params, opt_state, loss = step(params, opt_state, batch)
+        params, opt_state, loss = step(params, opt_state, encoded.training_batch(rows))
         if index % 50 == 0 or index == config.pretrain_steps - 1:
             curve.append((index, float(loss)))
             logging.info("pretrain step %d loss %.4f", index, float(loss))

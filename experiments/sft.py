@@ -49,10 +49,7 @@ def train_sft(config: Config, graphdef, params, data: TaskData, seed: int
     curve = []
     for index, rows in enumerate(common.batches(rng, len(train), config.sft_batch,
                                                 config.sft_steps)):
-        batch = {"input_ids": jnp.asarray(train.input_ids[rows]),
-                 "attention_mask": jnp.asarray(train.attention_mask[rows]),
-                 "target_mask": jnp.asarray(train.target_mask[rows])}
-        params, opt_state, loss = step(params, opt_state, batch)
+        params, opt_state, loss = step(params, opt_state, train.training_batch(rows))
         if index % 20 == 0 or index == config.sft_steps - 1:
             curve.append((index, float(loss)))
             logging.info("sft %s step %d loss %.4f", data.name, index, float(loss))
