@@ -13,7 +13,8 @@ time is reported apart. ``torch`` is what the papers' scripts spend on SVD alone
 It prints one line per size and a Qwen2.5-7B estimate (28 layers of q/o 3584²,
 k/v 512×3584, gate/up 18944×3584, down 3584×18944) from per-entry rates at the
 largest measured size, and writes the figures as JSON (``--output``).
-Run on an idle machine; on a GPU host jax uses the GPU (torch stays on CPU).
+Run on an idle machine; on a GPU host jax uses the GPU, and the torch SVDs are timed on
+the CPU (the papers' setup) and, as a second column, on the GPU.
 """
 
 from __future__ import annotations
@@ -78,14 +79,19 @@ def time_jaxmerge(taus: np.ndarray, svd: str, repeats: int) -> dict:
     return {"seconds": seconds, "compile_s": compile_s, "delta": np.asarray(result)}
 
 
-def time_torch_svd(taus: np.ndarray, repeats: int) -> float:
+def time_torch_svd(taus: np.ndarray, repeats: int, device: str = "cpu") -> float:
     import torch
 
-    tensors = [torch.from_numpy(t) for t in taus]
+    tensors = [torch.from_numpy(t).to(device) for t in taus]
 
     def run():
         for t in tensors:
             torch.linalg.svd(t, full_matrices=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device != "cpu":
+        run()  # warm-up (CUDA context, cuSOLVER handles)
 
     times = []
     for _ in range(repeats):
@@ -93,6 +99,14 @@ def time_torch_svd(taus: np.ndarray, repeats: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def main() -> None:
@@ -124,6 +138,8 @@ def main() -> None:
             row["relative_difference"] = float(error)
             if args.torch:
                 row["torch_svd_s"] = time_torch_svd(taus, max(1, args.repeats // 3))
+                if torch_cuda_available():
+                    row["torch_cuda_svd_s"] = time_torch_svd(taus, args.repeats, "cuda")
         rows.append(row)
         line = (f"{shape[0]:>6}x{shape[1]:<6} randomized {row['randomized_s'] * 1e3:9.1f} ms "
                 f"(compile {row['randomized_compile_s']:.1f} s)")
@@ -134,6 +150,9 @@ def main() -> None:
         if "torch_svd_s" in row:
             line += (f" | torch full SVDs {row['torch_svd_s'] * 1e3:9.1f} ms "
                      f"({row['torch_svd_s'] / row['randomized_s']:.0f}x)")
+        if "torch_cuda_svd_s" in row:
+            line += (f" | on cuda {row['torch_cuda_svd_s'] * 1e3:9.1f} ms "
+                     f"({row['torch_cuda_svd_s'] / row['randomized_s']:.0f}x)")
         print(line, flush=True)
 
     largest = max(rows, key=lambda r: math.prod(r["shape"]))

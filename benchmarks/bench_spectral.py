@@ -79,7 +79,7 @@ METHODS = {
 }
 EMBEDDING_MARKERS = ("embed_tokens", "wte", "word_embeddings", "lm_head")
 NORM_MARKERS = ("norm", "ln_", "layernorm")
-TOOL_ORDER = ("jaxmerge", "jaxmerge warm-cache", "jaxmerge svd=exact", "torch")
+TOOL_ORDER = ("jaxmerge", "jaxmerge warm-cache", "jaxmerge svd=exact", "torch", "torch cuda")
 
 
 # ---------------------------------------------------------------------------
@@ -98,9 +98,9 @@ def jaxmerge_command(method: str, base: str, experts: list[str], output: pathlib
 
 
 def torch_command(method: str, base: str, experts: list[str], output: pathlib.Path,
-                  threads: int | None, float64: bool = False) -> list:
+                  threads: int | None, float64: bool = False, device: str = "cpu") -> list:
     command = [sys.executable, str(TORCH_SCRIPT), f"--method={method}", f"--base={base}",
-               f"--experts={','.join(experts)}", f"--output={output}"]
+               f"--experts={','.join(experts)}", f"--output={output}", f"--device={device}"]
     command += (["--dtype=float64", "--compute-dtype=float64"] if float64
                 else ["--dtype=float32"])
     if threads:
@@ -127,7 +127,9 @@ def warm_imports(workdir: pathlib.Path, tools: list[str]) -> None:
     """Imports each tool once (writes .pyc, pages the libraries in): not timed."""
     codes = {"jaxmerge": "import jax, jax.numpy as jnp, jaxmerge.main, jaxmerge.api; "
                          "jnp.zeros(1).block_until_ready()",
-             "torch": "import torch, safetensors.torch; torch.linalg.svd(torch.ones(8, 4))"}
+             "torch": "import torch, safetensors.torch; torch.linalg.svd(torch.ones(8, 4))",
+             "torch_cuda": "import torch, safetensors.torch; "
+                           "torch.linalg.svd(torch.ones(8, 4, device='cuda'))"}
     for tool in tools:
         result = measure([sys.executable, "-c", codes[tool]],
                          workdir / "logs" / f"warm_{tool}.log", env=child_env(),
@@ -260,7 +262,8 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
     out.mkdir(parents=True, exist_ok=True)
     tools = args.tools
     dirs = {"jaxmerge": out / "jaxmerge", "jaxmerge warm-cache": out / "jaxmerge_cache",
-            "jaxmerge svd=exact": out / "jaxmerge_exact", "torch": out / "torch"}
+            "jaxmerge svd=exact": out / "jaxmerge_exact", "torch": out / "torch",
+            "torch cuda": out / "torch_cuda"}
     commands = {}
     if "jaxmerge" in tools and jaxmerge_ok:
         commands["jaxmerge"] = jaxmerge_command(method, base, experts, dirs["jaxmerge"])
@@ -269,6 +272,9 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
                 method, base, experts, dirs["jaxmerge svd=exact"], svd="exact")
     if "torch" in tools:
         commands["torch"] = torch_command(method, base, experts, dirs["torch"], args.threads)
+    if "torch_cuda" in tools:
+        commands["torch cuda"] = torch_command(method, base, experts, dirs["torch cuda"],
+                                               args.threads, device="cuda")
     record = {"method": method, "note": METHODS[method],
               "commands": {k: " ".join(v) for k, v in commands.items()}, "runs": {}}
     runs: dict[str, list] = {label: [] for label in commands}
@@ -300,7 +306,7 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
     record["tools"] = {}
     for label, rs in runs.items():
         summary = summarize(rs, skip_first=(label == "jaxmerge warm-cache"))
-        if summary and label == "torch":
+        if summary and label.startswith("torch"):
             reports = [torch_self_report(r.log) for r in rs if r.ok()]
             reports = [x for x in reports if x]
             if reports:
@@ -329,7 +335,7 @@ def run_method(method: str, base: str, experts: list[str], workdir: pathlib.Path
             continue
         entry = {}
         try:
-            if torch_ok and label != "torch":
+            if torch_ok and label != "torch":  # "torch cuda" too: GPU vs CPU torch
                 entry["vs_torch"] = compare_outputs(base, dirs["torch"], dirs[label])
             elif label == "torch" and not any(record["tools"].get(x) for x in TOOL_ORDER[:3]):
                 entry["vs_torch"] = compare_outputs(base, dirs["torch"], dirs["torch"])
@@ -443,7 +449,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="bench_out")
     parser.add_argument("--tools", default="jaxmerge,torch",
-                        help="comma-separated subset of jaxmerge,torch")
+                        help="comma-separated subset of jaxmerge,torch,torch_cuda (the "
+                             "torch script on a GPU, beside the CPU baseline)")
     parser.add_argument("--exact-methods", default="resmerge",
                         help="methods that also get a jaxmerge --svd=exact series ('' = none)")
     parser.add_argument("--threads", type=int, default=None,
@@ -461,8 +468,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {list(METHODS)}")
     args.tools = [t for t in args.tools.split(",") if t]
-    if not args.tools or any(t not in ("jaxmerge", "torch") for t in args.tools):
-        parser.error("--tools: a comma-separated subset of jaxmerge,torch")
+    if not args.tools or any(t not in ("jaxmerge", "torch", "torch_cuda") for t in args.tools):
+        parser.error("--tools: a comma-separated subset of jaxmerge,torch,torch_cuda")
     args.exact_methods = [m for m in args.exact_methods.split(",") if m]
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")

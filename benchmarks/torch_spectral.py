@@ -2,6 +2,7 @@
 
     python benchmarks/torch_spectral.py --method={resmerge,tsv,iso_c,iso_cts} \\
         --base=DIR --experts=A,B,C --output=DIR [--dtype=float32|bfloat16] [--threads=N]
+        [--device=cpu|cuda]
 
 This is the baseline that ``benchmarks/bench_spectral.py`` times against jaxmerge: a
 faithful re-implementation of /work/shared/METHODS.md §3 (tsv, iso_c, iso_cts) and §4
@@ -83,6 +84,7 @@ ALPHA = 1.0
 COMMON_FRACTION = 0.8
 ZERO_NORM = 1e-8
 COMPUTE = torch.float32  # --compute-dtype=float64 gives an error-floor reference, not the baseline
+DEVICE = torch.device("cpu")  # --device=cuda: the same script on a GPU (not the papers' CPU setup)
 
 SVD_SECONDS = 0.0
 SVD_CALLS = 0
@@ -112,6 +114,8 @@ def svd(a: torch.Tensor):
     global SVD_SECONDS, SVD_CALLS
     start = time.perf_counter()
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     SVD_SECONDS += time.perf_counter() - start
     SVD_CALLS += 1
     return u, s, vh
@@ -225,9 +229,9 @@ def tsv_matrix(taus: list[torch.Tensor], name: str) -> torch.Tensor:
         print(f"WARNING: tsv: {name} {m}x{n}: rank {r} < {n_tasks} tasks, Δ = 0",
               file=sys.stderr)
         return torch.zeros_like(taus[0])
-    u_cat = torch.zeros(m, r, dtype=COMPUTE)
-    s_cat = torch.zeros(r, dtype=COMPUTE)
-    v_cat = torch.zeros(r, n, dtype=COMPUTE)
+    u_cat = torch.zeros(m, r, dtype=COMPUTE, device=DEVICE)
+    s_cat = torch.zeros(r, dtype=COMPUTE, device=DEVICE)
+    v_cat = torch.zeros(r, n, dtype=COMPUTE, device=DEVICE)
     for t, tau in enumerate(taus):
         if norm(tau) <= ZERO_NORM:
             continue
@@ -256,9 +260,9 @@ def iso_cts_matrix(taus: list[torch.Tensor]) -> torch.Tensor:
     d = specific // n_tasks
     u, s, vh = svd(total(taus))
     u_c, s_c, vh_c = u[:, :k_c], s[:k_c], vh[:k_c, :]
-    u_all = torch.zeros(m, r, dtype=COMPUTE)
-    s_all = torch.zeros(r, dtype=COMPUTE)
-    v_all = torch.zeros(r, n, dtype=COMPUTE)
+    u_all = torch.zeros(m, r, dtype=COMPUTE, device=DEVICE)
+    s_all = torch.zeros(r, dtype=COMPUTE, device=DEVICE)
+    v_all = torch.zeros(r, n, dtype=COMPUTE, device=DEVICE)
     for t, tau in enumerate(taus):
         residual = tau - u_c @ (u_c.T @ tau)
         if norm(residual) <= ZERO_NORM:
@@ -356,9 +360,12 @@ def main(argv=None) -> int:
     parser.add_argument("--compute-dtype", choices=["float32", "float64"], default="float32",
                         help="float32 (METHODS.md, the baseline); float64 only to get a "
                              "high-precision reference for error floors")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device (cpu, the baseline; cuda: a GPU comparison)")
     args = parser.parse_args(argv)
-    global COMPUTE
+    global COMPUTE, DEVICE
     COMPUTE = torch.float64 if args.compute_dtype == "float64" else torch.float32
+    DEVICE = torch.device(args.device)
     start = time.perf_counter()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -380,7 +387,7 @@ def main(argv=None) -> int:
             counts["copied"] += 1
             continue
         base_dtypes.add(b.dtype)
-        b32 = b.to(COMPUTE)
+        b32 = b.to(DEVICE, COMPUTE)
         taus = []
         for e, reader in zip(expert_dirs, experts):
             if name not in reader.files:
@@ -388,21 +395,22 @@ def main(argv=None) -> int:
             x = reader.get(name)
             if x.shape != b.shape:
                 raise SystemExit(f"{e}: {name} has shape {tuple(x.shape)}, base {tuple(b.shape)}")
-            taus.append(x.to(COMPUTE) - b32)
+            taus.append(x.to(DEVICE, COMPUTE) - b32)
         matrix = is_matrix(name, b)
         counts["matrices" if matrix else "non_matrix"] += 1
         delta = merge_leaf(args.method, name, taus, matrix)
-        merged[name] = (b32 + delta).to(out_dtype or b.dtype).contiguous()
+        merged[name] = (b32 + delta).to(out_dtype or b.dtype).cpu().contiguous()
     merge_seconds = time.perf_counter() - start
     write_output(pathlib.Path(args.output), base_dir, merged, args.dtype, base_dtypes)
     wall = time.perf_counter() - start
     print(f"torch_spectral {args.method}: {counts['tensors']} tensors ({counts['matrices']} "
           f"matrix leaves, {counts['non_matrix']} non-matrix, {counts['copied']} copied), "
-          f"{len(expert_dirs)} experts, {threads} threads")
+          f"{len(expert_dirs)} experts, {threads} threads, device {DEVICE}")
     print(f"total {wall:.2f} s wall (merge {merge_seconds:.2f} s); "
           f"torch.linalg.svd {SVD_SECONDS:.2f} s in {SVD_CALLS} calls")
     print("@@" + json.dumps({"method": args.method, "total_s": wall, "merge_s": merge_seconds,
                              "svd_s": SVD_SECONDS, "svd_calls": SVD_CALLS, "threads": threads,
+                             "device": str(DEVICE),
                              **counts}))
     return 0
 

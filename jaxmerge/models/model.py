@@ -13,6 +13,7 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
@@ -86,11 +87,23 @@ class CausalLM(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        hidden = self.embed_tokens(input_ids)
-        key_valid = attention_mask.astype(jnp.bool_)
-        for layer in self.layers:
-            hidden, _ = layer(hidden, positions, key_valid)
-        return self.logits(hidden)
+        with self._matmul_precision():
+            hidden = self.embed_tokens(input_ids)
+            key_valid = attention_mask.astype(jnp.bool_)
+            for layer in self.layers:
+                hidden, _ = layer(hidden, positions, key_valid)
+            return self.logits(hidden)
+
+    def _matmul_precision(self):
+        """Full float32 matrix products for a float32 model, on every backend.
+
+        JAX's default lets a GPU run float32 products in TF32 (logits ~1e-2 off
+        transformers, whose float32 default is exact); a TPU in bfloat16 passes. A CPU
+        computes float32 products exactly either way. bf16 models keep the default.
+        """
+        if jnp.dtype(self.dtype) == jnp.float32:
+            return jax.default_matmul_precision("highest")
+        return contextlib.nullcontext()
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The output head on the final layer's hidden states: float32 logits."""
@@ -119,19 +132,20 @@ class CausalLM(nnx.Module):
         seq = input_ids.shape[1]
         valid = jax.lax.dynamic_update_slice(cache.valid, token_valid.astype(jnp.bool_),
                                              (0, cache.length))
-        hidden = self.embed_tokens(input_ids)
-        keys, values = [], []
-        for layer, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values,
-                                                   strict=True):
-            hidden, (new_keys, new_values) = layer(hidden, positions, valid,
-                                                   (layer_keys, layer_values), cache.length)
-            keys.append(new_keys)
-            values.append(new_values)
-        if last_only:
-            hidden = hidden[:, -1:]
-        new_cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
-                            length=cache.length + seq)
-        return self.logits(hidden), new_cache
+        with self._matmul_precision():
+            hidden = self.embed_tokens(input_ids)
+            keys, values = [], []
+            for layer, layer_keys, layer_values in zip(self.layers, cache.keys, cache.values,
+                                                       strict=True):
+                hidden, (new_keys, new_values) = layer(hidden, positions, valid,
+                                                       (layer_keys, layer_values), cache.length)
+                keys.append(new_keys)
+                values.append(new_values)
+            if last_only:
+                hidden = hidden[:, -1:]
+            new_cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
+                                length=cache.length + seq)
+            return self.logits(hidden), new_cache
 
 
 def split(model: CausalLM) -> tuple[nnx.GraphDef, Params]:
