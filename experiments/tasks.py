@@ -30,7 +30,10 @@ SPLITS = ("train", "validation", "test")
 
 NAMES = ("Ana", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Ivy")
 OBJECTS = ("pens", "apples", "books", "coins", "cards", "shells")
-CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito")
+CITIES = ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Quito", "Rome", "Delhi", "Seoul",
+          "Berlin", "Madrid", "Dublin", "Nairobi", "Sydney", "Toronto", "Vienna")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+TIMER_SECONDS = (0, 15, 30, 45)
 LETTERS = "abcdefghij"
 
 
@@ -93,23 +96,31 @@ def arithmetic_reward(answer: str, reference: str) -> float:
 # tool use
 
 TOOLS = {
-    "get_weather": ("city", "unit"),
-    "set_timer": ("minutes",),
+    "get_weather": ("city", "day", "unit"),
+    "set_timer": ("minutes", "seconds"),
     "send_money": ("to", "amount"),
 }
 
 
 def make_tool_call(rng: np.random.Generator) -> tuple[str, str]:
-    """A request and the one JSON call that serves it."""
+    """A request and the one JSON call that serves it.
+
+    The three kinds are equally likely, and each has a few hundred distinct prompts
+    (weather 16 cities x 7 days x 2 units = 224, timer 59 x 4 = 236, money 8 x 99 = 792),
+    so the test and validation splits (~100 of each kind at the default sizes) leave every
+    kind in the training split.
+    """
     kind = int(rng.integers(3))
     if kind == 0:
-        city, unit = CITIES[rng.integers(len(CITIES))], ("celsius", "fahrenheit")[rng.integers(2)]
-        prompt = f"What is the weather in {city} in {unit}?"
-        call = {"name": "get_weather", "arguments": {"city": city, "unit": unit}}
+        city, day = CITIES[rng.integers(len(CITIES))], DAYS[rng.integers(len(DAYS))]
+        unit = ("celsius", "fahrenheit")[rng.integers(2)]
+        prompt = f"What is the weather in {city} on {day} in {unit}?"
+        call = {"name": "get_weather", "arguments": {"city": city, "day": day, "unit": unit}}
     elif kind == 1:
         minutes = int(rng.integers(1, 60))
-        prompt = f"Set a timer for {minutes} minutes."
-        call = {"name": "set_timer", "arguments": {"minutes": minutes}}
+        seconds = TIMER_SECONDS[rng.integers(len(TIMER_SECONDS))]
+        prompt = f"Set a timer for {minutes} minutes and {seconds} seconds."
+        call = {"name": "set_timer", "arguments": {"minutes": minutes, "seconds": seconds}}
     else:
         name, amount = NAMES[rng.integers(len(NAMES))], int(rng.integers(1, 100))
         prompt = f"Send {amount} dollars to {name}."

@@ -61,8 +61,8 @@ def known_words() -> list[str]:
 
 
 def entities() -> list[str]:
-    """Words an answer copies from its prompt: names, cities, units (never space-prefixed)."""
-    return sorted({*tasks.NAMES, *tasks.CITIES, "celsius", "fahrenheit"})
+    """Words an answer copies from its prompt: names, cities, days, units (never space-prefixed)."""
+    return sorted({*tasks.NAMES, *tasks.CITIES, *tasks.DAYS, "celsius", "fahrenheit"})
 
 
 def vocabulary() -> dict[str, int]:

@@ -4,12 +4,14 @@ from the prompt text."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 
 import pytest
 
 from experiments import tasks
+from experiments.config import Config
 
 SIZES = {"train": 300, "validation": 40, "test": 60}
 
@@ -71,6 +73,18 @@ def test_every_kind_of_example_occurs():
     assert {json.loads(e.response)["name"] for e in splits["tool"]} == set(tasks.TOOLS)
     starts = {e.prompt.split()[0] for e in splits["reasoning"]}
     assert starts == {"Reverse", "Sort", "Give", "Count"}
+
+
+def test_every_tool_kind_is_trained_at_the_default_sizes():
+    """Test and validation must not use up a kind's prompts: each tool is >= 20% of train."""
+    config = Config()
+    splits = tasks.make_splits("tool", {"test": config.test_size,
+                                        "validation": config.validation_size,
+                                        "train": config.tool_train_size})
+    assert len(splits["train"]) == config.tool_train_size
+    counts = collections.Counter(json.loads(e.response)["name"] for e in splits["train"])
+    assert set(counts) == set(tasks.TOOLS)
+    assert min(counts.values()) >= 0.2 * config.tool_train_size, counts
 
 
 def test_write_splits_and_bad_requests(tmp_path):
