@@ -119,19 +119,46 @@ def low_rank_product(u: Array, vt: Array) -> Array:
     return sum(u[:, i, None] * vt[None, i, :] for i in range(rank))
 
 
+def one_matrix_per_lapack_call(fn):
+    """``fn`` of a matrix stack ``[..., m, n]``, made to run one matrix at a time on CPU.
+
+    On CPU the stack is flattened and ``lax.map``-ped, so every LAPACK call ``fn``
+    makes sees a single matrix; other backends run ``fn`` on the whole stack (one
+    batched cuSOLVER call). The reason is a deadlock in jaxlib 0.10's CPU
+    LAPACK kernels: a batched call (``lapack_sgesdd_ffi`` and the QR, eigh, LU,
+    Cholesky, ... kernels) splits its batch into tasks on XLA:CPU's intra-op thread
+    pool and blocks a pool thread until they finish, so when as many batched calls
+    run at once as the pool has threads (two on a 2-core machine: TSV's two polar
+    factors are independent), every pool thread waits and no task ever runs. A
+    single-matrix call runs inline and never waits on the pool.
+    """
+
+    def per_matrix(a):
+        lead = a.shape[:-2]
+        out = lax.map(fn, a.reshape((-1,) + a.shape[-2:]))
+        return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+    def call(a):
+        if a.ndim == 2:
+            return fn(a)
+        return lax.platform_dependent(a, cpu=per_matrix, default=fn)
+
+    return call
+
+
 def exact_svd(a: Array) -> tuple[Array, Array, Array]:
     """Thin SVD ``a = u @ diag(s) @ vt`` in float32, singular values descending.
 
-    Works on any leading batch dimensions. LAPACK's divide-and-conquer driver
-    (gesdd) is tried first; if it fails to converge (jax then returns NaN), the
-    whole batch is recomputed with the slower QR-iteration driver (gesvd), so a
-    rank-deficient or badly scaled matrix still gets a finite answer.
+    Works on any leading batch dimensions (on CPU, one LAPACK call per matrix: see
+    :func:`one_matrix_per_lapack_call`). LAPACK's divide-and-conquer driver (gesdd)
+    is tried first; if it fails to converge (jax then returns NaN), the matrix (on
+    GPU, the whole batch) is recomputed with the slower QR-iteration driver (gesvd),
+    so a rank-deficient or badly scaled matrix still gets a finite answer.
     """
     return _robust_svd(a.astype(jnp.float32))
 
 
-@custom_vmap
-def _robust_svd(a):
+def _svd_with_retry(a):
     u, s, vt = lax.linalg.svd(a, full_matrices=False)
     failed = ~(jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(vt)))
     return lax.cond(
@@ -140,10 +167,15 @@ def _robust_svd(a):
         lambda: (u, s, vt))
 
 
+@custom_vmap
+def _robust_svd(a):
+    return one_matrix_per_lapack_call(_svd_with_retry)(a)
+
+
 @_robust_svd.def_vmap
 def _robust_svd_batched(axis_size, in_batched, a):
-    # The body already handles leading batch axes: one batched LAPACK call and one
-    # batch-wide convergence test, so the retry stays a real (rarely taken) branch.
+    # The body handles leading batch axes (one batched call, or one call per matrix on
+    # CPU), so the gesvd retry stays a real, rarely taken branch.
     del axis_size, in_batched
     return _robust_svd(a), (True, True, True)
 
@@ -152,20 +184,24 @@ def singular_values(a: Array) -> Array:
     """All singular values of ``a`` (any leading batch axes), float32, descending.
 
     No singular vectors are formed (several times cheaper than :func:`exact_svd`).
-    gesdd first; if it fails to converge (NaN), the whole batch is recomputed with
-    the QR-iteration driver, as in :func:`exact_svd`.
+    gesdd first; if it fails to converge (NaN), the matrix (on GPU, the batch) is
+    recomputed with the QR-iteration driver, as in :func:`exact_svd`.
     """
     return _robust_singular_values(a.astype(jnp.float32))
 
 
-@custom_vmap
-def _robust_singular_values(a):
+def _singular_values_with_retry(a):
     s = lax.linalg.svd(a, full_matrices=False, compute_uv=False)
     return lax.cond(
         ~jnp.all(jnp.isfinite(s)),
         lambda: lax.linalg.svd(a, full_matrices=False, compute_uv=False,
                                algorithm=lax.linalg.SvdAlgorithm.QR),
         lambda: s)
+
+
+@custom_vmap
+def _robust_singular_values(a):
+    return one_matrix_per_lapack_call(_singular_values_with_retry)(a)
 
 
 @_robust_singular_values.def_vmap

@@ -8,10 +8,6 @@ spectra, shared rank-1 heads plus noise.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +19,7 @@ from jaxmerge.analysis import statistics
 from jaxmerge.analysis.tables import REGIONS, noise_top1_share
 from tests import numpy_reference as ref
 from tests.checkpoints import load_state, make_tiny_expert, make_tiny_llama
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.subprocesses import run_module
 
 
 def sparse_taus(rng, n, shape, density=0.3, tiny=0.3):
@@ -297,11 +292,7 @@ def test_verdict_reads_the_regime():
 
 
 def run_analyze(*args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the tests' no-optimisation flags are for in-process runs
-    return subprocess.run([sys.executable, "-m", "jaxmerge.analyze", "--progress=false",
-                           "--compilation_cache=", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600, env=env)
+    return run_module("jaxmerge.analyze", *args)
 
 
 def test_cli_writes_a_complete_report(tiny_group, tmp_path):

@@ -6,11 +6,8 @@ fail with one readable message and leave nothing behind.
 """
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +23,7 @@ from jaxmerge.io import Checkpoint, load_orbax
 from jaxmerge.leaves import module_family
 from tests import numpy_reference as ref
 from tests.checkpoints import make_tiny_expert, make_tiny_llama
+from tests.subprocesses import run_module
 
 FLAGS = flags.FLAGS
 
@@ -58,12 +56,6 @@ def run_cli(*args) -> int:
         FLAGS.unparse_flags()
         FLAGS(["jaxmerge", "--progress=false", "--compilation_cache=", *args])
         return cli_main.main(["jaxmerge"])
-
-
-def subprocess_env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the tests' no-optimisation flags are for in-process runs
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -405,16 +397,12 @@ def test_existing_output_needs_overwrite(tiny, tmp_path, capsys):
 
 def test_subprocess_error_has_no_traceback_and_help_lists_flags(tiny, tmp_path):
     base, experts = tiny
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxmerge.main", "--method=slerp", f"--base={base}",
-         experts_flag(experts), f"--output={tmp_path / 'x'}"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    result = run_module("jaxmerge.main", "--method=slerp", f"--base={base}",
+                        experts_flag(experts), f"--output={tmp_path / 'x'}", timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "slerp" in result.stderr
     assert not (tmp_path / "x").exists()
-    help_text = subprocess.run([sys.executable, "-m", "jaxmerge.main", "--help"],
-                               capture_output=True, text=True, env=subprocess_env(),
-                               timeout=300).stdout
+    help_text = run_module("jaxmerge.main", "--help", timeout=300).stdout
     for name in methods.REGISTRY:
         assert name in help_text
     for flag in ("--density", "--drop_rate", "--ram_alpha", "--max_shard_size", "--recipe",

@@ -9,10 +9,7 @@ other command lines').
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +23,8 @@ from jaxmerge import models
 from jaxmerge.errors import ConfigError
 from jaxmerge.fisher import data, estimate
 from jaxmerge.io.safetensors_io import Checkpoint
+from tests.subprocesses import run_module
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Validation examples in the tiny tokenizer's words: prompts of several lengths, a plain
 # text line, and an empty response (which still scores its EOS).
@@ -374,11 +370,7 @@ def fisher_weighted():
 
 
 def run_fisher_cli(*args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the tests' no-optimisation flags are for in-process runs
-    return subprocess.run([sys.executable, "-m", "jaxmerge.fisher", "--progress=false",
-                           "--compilation_cache=", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600, env=env)
+    return run_module("jaxmerge.fisher", *args)
 
 
 def test_cli_writes_a_fisher_checkpoint_that_streams_in_a_merge(tiny, library_fisher, tmp_path):
@@ -479,11 +471,7 @@ def test_smollm2_fisher_cli(smollm2, tmp_path):
 
 
 def run_merge_cli(*args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "jaxmerge.main", "--progress=false",
-                           "--compilation_cache=", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900, env=env)
+    return run_module("jaxmerge.main", *args, timeout=900)
 
 
 def shifted_expert(model_dir, directory, seed) -> pathlib.Path:

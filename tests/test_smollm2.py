@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests import numpy_reference as ref
-from tests.test_cli import read_native, subprocess_env
+from tests.subprocesses import subprocess_env
+from tests.test_cli import read_native
 
 pytestmark = pytest.mark.smollm2
 BF16_ULP = 2.0**-7
