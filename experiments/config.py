@@ -45,7 +45,7 @@ class Config:
     sft_batch: int = 32
     sft_lr: float = 1e-3
     # GRPO experts
-    grpo_steps: int = 100
+    grpo_steps: int = 300
     grpo_prompts: int = 8
     grpo_group: int = 8
     grpo_lr: float = 3e-4
