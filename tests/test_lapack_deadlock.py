@@ -22,12 +22,16 @@ from jaxmerge import linalg, spectral
 from tests.subprocesses import subprocess_env
 
 
-def lapack_operands(fn, *args) -> list[tuple[str, str]]:
-    """(LAPACK kernel, operand shape) of every LAPACK custom call in ``fn``'s CPU program."""
-    hlo = jax.jit(fn).lower(*args).compile().as_text()
+def lapack_calls(hlo: str) -> list[tuple[str, str]]:
+    """(LAPACK kernel, operand shape) of every LAPACK custom call in an HLO module's text."""
     defined = dict(re.findall(r"(%[\w.\-]+) = (\w+\[[\d,]*\])", hlo))
     calls = re.findall(r'custom-call\((%[\w.\-]+).*?custom_call_target="(lapack_\w+)"', hlo)
     return [(target, defined[operand]) for operand, target in calls]
+
+
+def lapack_operands(fn, *args) -> list[tuple[str, str]]:
+    """:func:`lapack_calls` of ``fn``'s compiled CPU program."""
+    return lapack_calls(jax.jit(fn).lower(*args).compile().as_text())
 
 
 def _stacked():
@@ -107,11 +111,7 @@ def test_no_method_compiles_a_batched_cpu_lapack_call(tmp_path):
     assert done.returncode == 0 and "merged" in done.stdout, done.stderr[-3000:]
     calls = []
     for path in tmp_path.glob("*after_optimizations.txt"):
-        hlo = path.read_text()
-        defined = dict(re.findall(r"(%[\w.\-]+) = (\w+\[[\d,]*\])", hlo))
-        for operand, target in re.findall(
-                r'custom-call\((%[\w.\-]+).*?custom_call_target="(lapack_\w+)"', hlo):
-            calls.append((path.name, target, defined[operand]))
+        calls += [(path.name, target, shape) for target, shape in lapack_calls(path.read_text())]
     assert calls, "expected LAPACK calls in the spectral methods' programs"
     batched = [call for call in calls if call[2].count(",") != 1]
     assert not batched, f"batched CPU LAPACK calls can deadlock the pool: {batched[:5]}"
