@@ -26,6 +26,7 @@ chunk size, so the same inputs, flags and seed give bit-identical outputs.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import time
@@ -94,6 +95,21 @@ class RunReport:
     leaf_parallel_chunks: int = 0
     row_sharded_chunks: int = 0
     stats: dict = dataclasses.field(default_factory=dict)
+
+
+def balanced_block_rows(rows: int, max_rows: int) -> int:
+    """Rows per block when ``rows`` are cut into blocks of at most ``max_rows``.
+
+    Blocks of one shape share one compiled call: the largest block size dividing
+    ``rows`` with at most twice the fewest blocks, else near-equal blocks (the last
+    one shorter). E.g. 49152 rows, at most 2080: 24 blocks of 2048, not 23 of
+    2080 and one of 1312 (a second compiled shape, ~60 ms per call kind).
+    """
+    fewest = -(-rows // max_rows)
+    for count in range(fewest, min(2 * fewest, rows) + 1):
+        if rows % count == 0:
+            return rows // count
+    return -(-rows // fewest)
 
 
 def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, row_offset, base, experts, extras,
@@ -403,6 +419,7 @@ class Executor:
         rows_per_block = max(1, self.chunk_bytes // (leaf_bytes // rows))
         if spread > 1:
             rows_per_block = min(rows_per_block, -(-rows // spread))
+        rows_per_block = balanced_block_rows(rows, rows_per_block)
         by_shape: dict[tuple, list[LeafPlan]] = {}
         for leaf in leaves:
             for block in leaf.row_blocks(rows_per_block):
@@ -414,19 +431,25 @@ class Executor:
     def _dtype_of(self, leaf: LeafPlan, source: Source) -> np.dtype:
         return source.entries()[leaf.name][0]
 
-    def _read_chunk(self, chunk: _Chunk):
-        if chunk.strategy is not None:
-            return self._read_chunk_global(chunk)
+    def _input_structs(self, chunk: _Chunk):
+        """Shapes and dtypes of a one-device chunk's (base, experts, extras) arrays."""
         first = chunk.leaves[0]
         shape = first.info.shape
         n = len(self.experts)
         base_dtype = self._dtype_of(first, self.base)
-        base = np.zeros((chunk.size, *shape), base_dtype)
-        experts = np.zeros((chunk.size, n, *shape), base_dtype)
+        base = jax.ShapeDtypeStruct((chunk.size, *shape), base_dtype)
+        experts = jax.ShapeDtypeStruct((chunk.size, n, *shape), base_dtype)
         extras = {
-            name: np.zeros((chunk.size, n, *shape), self._dtype_of(first, sources[0]))
+            name: jax.ShapeDtypeStruct((chunk.size, n, *shape), self._dtype_of(first, sources[0]))
             for name, sources in self.extras.items()
         }
+        return base, experts, extras
+
+    def _read_chunk(self, chunk: _Chunk):
+        if chunk.strategy is not None:
+            return self._read_chunk_global(chunk)
+        base, experts, extras = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                             self._input_structs(chunk))
         for i, leaf in enumerate(chunk.slots):
             if leaf is None:
                 continue
@@ -538,6 +561,42 @@ class Executor:
             self.report.compiled_calls += 1
         return self._compiled[key]
 
+    @contextlib.contextmanager
+    def _compiling_ahead(self, chunks: list[_Chunk], call_of):
+        """Compiles the calls of ``chunks`` in a background thread, each new shape in
+        order of first use, while earlier chunks compute; yields ``launch(chunk,
+        arrays)``, which runs ``fn(*args)`` for ``call_of(chunk, arrays) -> (fn, args)``.
+
+        Tracing, lowering and compiling (or loading from the persistent cache) take
+        ~20–100 ms per shape and merge even when the compiled program is cached; here
+        they overlap the first shapes' compute instead of preceding each shape. The
+        jitted functions keep what was compiled: ``launch`` calls them as usual (first
+        waiting for a compilation of the same function already under way). One-device
+        chunks only; a failure here is ignored (the launch raises it, with its context).
+        """
+        ahead: dict[int, concurrent.futures.Future] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-compile")
+        try:
+            for chunk in chunks:
+                if chunk.strategy is not None:
+                    continue
+                fn, args = call_of(chunk, (*chunk.ids(), *self._input_structs(chunk)))
+                if id(fn) not in ahead:
+                    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                           args)
+                    ahead[id(fn)] = pool.submit(_compile_quietly, fn, structs)
+
+            def launch(chunk, arrays):
+                fn, args = call_of(chunk, arrays)
+                future = ahead.pop(id(fn), None)
+                if future is not None and not future.cancel():
+                    future.result()
+                return fn(*args)
+
+            yield launch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def compute_stats(self) -> dict:
         """Runs every statistics pass, in order.
 
@@ -568,23 +627,27 @@ class Executor:
                      stats: dict) -> dict:
         """Streams ``chunks`` through one pass: {leaf name: summed partials} for per-leaf
         passes (row blocks of one leaf summed), {None: sum over every leaf} otherwise."""
-        totals: dict = {}
-        for chunk, arrays in self._stream(chunks, label):
+        def call_of(chunk, arrays):
             fn = self._compiled_fn(
                 ("pass", stats_pass.id), chunk,
                 lambda info, p=stats_pass, c=chunk: self._compile_pass(p, info, c))
             valid = np.array([leaf is not None for leaf in chunk.slots])
             if chunk.strategy is not None:
                 valid = distributed.global_array(valid, self._per_leaf_sharding(chunk, 1))
-            partial = jax.tree.map(lambda p: _widen(distributed.local_value(p)),
-                                   fn(valid, *self._call_args(chunk, arrays, stats)))
-            if stats_pass.per_leaf:
-                for i, leaf in enumerate(chunk.slots):
-                    if leaf is not None:
-                        _accumulate(totals, leaf.name, jax.tree.map(lambda p, i=i: p[i], partial))
-            else:  # partial sums, one per device (or one)
-                _accumulate(totals, None, jax.tree.map(lambda p: p.sum(axis=0), partial))
-            self._count_chunk(chunk)
+            return fn, (valid, *self._call_args(chunk, arrays, stats))
+
+        totals: dict = {}
+        with self._compiling_ahead(chunks, call_of) as launch:
+            for chunk, launched in _one_ahead(self._stream(chunks, label), launch):
+                partial = jax.tree.map(lambda p: _widen(distributed.local_value(p)), launched)
+                if stats_pass.per_leaf:
+                    for i, leaf in enumerate(chunk.slots):
+                        if leaf is not None:
+                            _accumulate(totals, leaf.name,
+                                        jax.tree.map(lambda p, i=i: p[i], partial))
+                else:  # partial sums, one per device (or one)
+                    _accumulate(totals, None, jax.tree.map(lambda p: p.sum(axis=0), partial))
+                self._count_chunk(chunk)
         return totals
 
     def _compile_pass(self, stats_pass: StatsPass, info: LeafInfo, chunk: _Chunk):
@@ -665,23 +728,27 @@ class Executor:
                 aliases.setdefault(leaf.alias_of, []).append(leaf.name)
 
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write") as pool:
-            pending = None
-            for chunk, arrays in self._stream(self._chunks(), "merge"):
+            def call_of(chunk, arrays):
                 out_dtype = chunk.leaves[0].out_dtype
                 fn = self._compiled_fn("apply", chunk,
                                        lambda info, d=out_dtype, c=chunk: self._compile_apply(
                                            info, d, c))
-                computed = time.perf_counter()
-                merged, finite = fn(*self._call_args(chunk, arrays, stats))
-                self._check_finite(chunk, distributed.local_value(finite))
-                pieces = self._local_pieces(chunk, merged)
-                waited = time.perf_counter()
-                self.report.compute_seconds += waited - computed
-                if pending is not None:
-                    pending.result()
-                self.report.write_wait_seconds += time.perf_counter() - waited
-                pending = pool.submit(self._write_pieces, write, pieces, aliases)
-                self._count_chunk(chunk)
+                return fn, self._call_args(chunk, arrays, stats)
+
+            pending = None
+            chunks = self._chunks()
+            with self._compiling_ahead(chunks, call_of) as launch:
+                for chunk, (merged, finite) in _one_ahead(self._stream(chunks, "merge"), launch):
+                    computed = time.perf_counter()
+                    self._check_finite(chunk, distributed.local_value(finite))
+                    pieces = self._local_pieces(chunk, merged)
+                    waited = time.perf_counter()
+                    self.report.compute_seconds += waited - computed
+                    if pending is not None:
+                        pending.result()
+                    self.report.write_wait_seconds += time.perf_counter() - waited
+                    pending = pool.submit(self._write_pieces, write, pieces, aliases)
+                    self._count_chunk(chunk)
             if pending is not None:
                 pending.result()
             for index, leaf in enumerate(self.plan.leaves):
@@ -755,6 +822,33 @@ class Executor:
                     f"tensor {leaf.name!r} in {source.location(leaf.name)} contains NaN or "
                     "infinite values"
                 )
+
+
+def _compile_quietly(fn, structs) -> None:
+    """``fn``'s program for arguments shaped like ``structs``, traced, lowered and compiled
+    into jit's caches; errors are left for the real call to raise."""
+    try:
+        fn.trace(*structs).lower().compile()
+    except Exception:  # noqa: BLE001 - the launch of the same call reports it
+        pass
+
+
+def _one_ahead(stream, launch):
+    """Yields ``(chunk, launch(chunk, arrays))`` for ``stream``'s chunks, one chunk late.
+
+    ``launch`` traces and compiles the chunk's call when its shape is new, then
+    dispatches it (asynchronously); chunk k + 1 is launched before chunk k's results
+    are awaited, so compiling the next shape overlaps computing this one, and the
+    device always has the next call queued. Costs one more chunk of inputs in memory.
+    """
+    previous = None
+    for chunk, arrays in stream:
+        launched = (chunk, launch(chunk, arrays))
+        if previous is not None:
+            yield previous
+        previous = launched
+    if previous is not None:
+        yield previous
 
 
 def _leaf_rows(leaf: LeafPlan, rows: tuple[int, int] | None) -> tuple[int, int] | None:

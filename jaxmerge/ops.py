@@ -5,10 +5,11 @@ jittable ``(x, ctx) -> y`` step. Transforms map stacked task vectors
 ``f32[N, *shape]`` to the same shape, reductions map them to ``f32[*shape]``.
 Named methods (``jaxmerge.methods``) are chains of these pieces.
 
-Thresholds are exact order statistics computed by a two-level radix select on
-the float32 bit patterns (|x| ≥ 0 orders like its uint32 bits): O(n), no sort,
-and the same code serves one tensor (inside the jitted leaf function) and the
-whole model (as two streaming statistics passes).
+Thresholds are exact order statistics on the float32 bit patterns (|x| ≥ 0
+orders like its uint32 bits), never a sort: inside one leaf, a sampled bracket
+and a bisection of counting passes (:func:`kth_smallest_abs`); over a leaf merged
+in row blocks or the whole model, a two-level radix select as two streaming
+statistics passes (:func:`high_bin_counts`, :func:`low_bin_counts`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ def _expand(values, like):
 
 
 def _per_expert(fn, x):
-    """Maps ``fn`` over the expert axis one expert at a time (``lax.map``), so the
-    temporaries of a selection are held for one task vector, not N."""
+    """Maps ``fn`` over the expert axis (``vmap``): one batched selection for all N.
+
+    Not ``lax.map``: under the executor's ``vmap`` over leaves, a scan over the
+    expert axis makes XLA:CPU transpose the stacked task vectors to put that axis
+    first, and the copy, plus fusions it defeats, made a TIES leaf of
+    3 × 1536 × 576 take 17 ms instead of 5 ms (jaxlib 0.10).
+    """
+    return jax.vmap(fn)(x)
+
+
+def _per_expert_histogram(fn, x):
+    """Maps a scatter-add histogram over the expert axis one expert at a time
+    (``lax.map``): a batched scatter-add is ~3x slower on XLA:CPU."""
     return jax.lax.map(fn, x)
 
 
@@ -75,7 +87,7 @@ def _check_fraction(name: str, value: float, *, low_open=True, high_closed=True)
 
 
 # ---------------------------------------------------------------------------
-# Exact order statistics by radix select on float32 bits.
+# Exact order statistics over statistics passes: two-level radix select on float32 bits.
 
 
 def _bits(x):
@@ -109,18 +121,86 @@ def select_bin(counts, rank, xp=jnp):
     return index, rank - below
 
 
-def bits_to_value(high_bin, low_bin):
-    bits = (jnp.asarray(high_bin).astype(jnp.uint32) << 16) | jnp.asarray(low_bin).astype(
-        jnp.uint32
-    )
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+# ---------------------------------------------------------------------------
+# Exact order statistics inside one leaf. A scatter-add histogram runs at ~90 M entries/s on
+# XLA:CPU; a counting pass (compare + sum) at ~7 G/s, so bisecting the 31-bit range
+# with counts is ~2x faster than the radix select, and a sample's quantiles usually
+# bracket the answer within ~20 bits (or 0: sparse task vectors, threshold 0).
+
+_SAMPLE = 4096  # entries in the bracketing sample
+_SAMPLE_SIGMAS = 4.0  # bracket half-width in binomial standard deviations
+_INF_BITS = 0x7F800000  # bits of +inf, the largest |x| that is not NaN
+
+
+def _abs_bits(x):
+    """|x| as int32 bit patterns (sign bit clear, so they order like the magnitudes)."""
+    return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32).ravel()
+
+
+def _count_at_most(bits, value):
+    return jnp.sum(bits <= value, dtype=jnp.int32)
+
+
+def sample_positions(size: int) -> np.ndarray:
+    """The flat indices of the bracketing sample: ``_SAMPLE`` multiplicative-hash positions,
+    spread over rows and columns (a plain stride aliases with the row length)."""
+    step = 2654435761 % size or 1
+    while math.gcd(step, size) != 1:
+        step += 1
+    return (np.arange(_SAMPLE, dtype=np.int64) * step) % size
+
+
+def _bracket(bits, rank):
+    """``(lo, hi)`` with ``lo ≤ answer ≤ hi`` for the ``rank``-th smallest of ``bits``.
+
+    From the sample's quantiles ``_SAMPLE_SIGMAS`` standard deviations either side of
+    ``rank``; each end is checked with one count and replaced by the full range's end
+    (0 or +inf) when the sample misled it, so the bracket is always right, only
+    sometimes wide.
+    """
+    size = bits.shape[0]
+    # 0 and +inf, derived from the data: a while-loop carry must vary like the data
+    # (inside shard_map a constant carry is rejected). Not jnp.min / jnp.max of the
+    # data: those reductions made XLA:CPU re-materialise the bits, 6 → 22 ms per leaf.
+    lowest = bits[0] & 0
+    highest = lowest | _INF_BITS
+    if size <= 4 * _SAMPLE:
+        return lowest, highest
+    sample = jnp.sort(bits[sample_positions(size)])
+    quantile = (rank.astype(jnp.float32) + 0.5) / size
+    margin = _SAMPLE_SIGMAS * jnp.sqrt(_SAMPLE * quantile * (1.0 - quantile)) + 2.0
+    centre = quantile * _SAMPLE
+    lo = sample[jnp.clip(jnp.floor(centre - margin).astype(jnp.int32), 0, _SAMPLE - 1)]
+    hi = sample[jnp.clip(jnp.ceil(centre + margin).astype(jnp.int32), 0, _SAMPLE - 1)]
+    lo = jnp.where(_count_at_most(bits, lo - 1) <= rank, lo, lowest)
+    hi = jnp.where(_count_at_most(bits, hi) > rank, hi, highest)
+    return lo, hi
 
 
 def kth_smallest_abs(x, rank):
-    """The ``rank``-th smallest (0-indexed) |x| over all entries of ``x``, exactly."""
-    high, inner_rank = select_bin(high_bin_counts(x), rank)
-    low, _ = select_bin(low_bin_counts(x, high), inner_rank)
-    return bits_to_value(high, low)
+    """The ``rank``-th smallest (0-indexed) |x| over all entries of ``x``, exactly.
+
+    Bisection on the bit patterns inside :func:`_bracket`: the answer is the smallest
+    ``v`` with ``#{|x| ≤ v} > rank``. At most 31 counting passes, ~20 on dense task
+    vectors, none when the sample brackets a single value (e.g. mostly-zero ones).
+    ``rank`` may be traced.
+    """
+    bits = _abs_bits(x)
+    rank = jnp.asarray(rank, jnp.int32)
+
+    def unresolved(bracket):
+        lo, hi = bracket
+        return lo < hi
+
+    def halve(bracket):
+        lo, hi = bracket
+        middle = lo + (hi - lo) // 2
+        answer_at_most_middle = _count_at_most(bits, middle) > rank
+        return (jnp.where(answer_at_most_middle, lo, middle + 1),
+                jnp.where(answer_at_most_middle, middle, hi))
+
+    lo, _ = jax.lax.while_loop(unresolved, halve, _bracket(bits, rank))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
 def rank_at_least(x, rank: int):
@@ -184,7 +264,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
     label = "TIES threshold" + ("" if per_leaf else " (global)")
 
     def high_partial(x, ctx):
-        return _per_expert(high_bin_counts, x)
+        return _per_expert_histogram(high_bin_counts, x)
 
     def high_finalize(total, stats):
         total = np.asarray(total, np.int64)
@@ -202,7 +282,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
 
     def low_partial(x, ctx):
         high = jnp.asarray(ctx.stats[high_pass.id]["high"])
-        return _per_expert(lambda args: low_bin_counts(*args), (x, high))
+        return _per_expert_histogram(lambda args: low_bin_counts(*args), (x, high))
 
     def low_finalize(total, stats):
         first = stats[high_pass.id]

@@ -1,0 +1,97 @@
+"""The executor's pipeline: compiling ahead, one chunk in flight, balanced row blocks."""
+
+import numpy as np
+import pytest
+
+import jaxmerge
+from jaxmerge import executor
+from jaxmerge.executor import balanced_block_rows
+
+SHAPES = {
+    "model.layers.0.mlp.up_proj.weight": (48, 16),
+    "model.layers.1.mlp.up_proj.weight": (48, 16),
+    "model.layers.0.self_attn.q_proj.weight": (16, 16),
+    "model.layers.0.input_layernorm.weight": (16,),
+    "model.embed_tokens.weight": (96, 16),
+}
+
+
+def models(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    base = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    experts = [{k: v + rng.normal(scale=0.1, size=v.shape).astype(np.float32)
+                for k, v in base.items()} for _ in range(n)]
+    return base, experts
+
+
+@pytest.mark.parametrize("method", ["ties", "resmerge", "dare_ties"])
+def test_each_shape_is_compiled_ahead_once_and_reused(monkeypatch, method):
+    """Every distinct call is compiled in the background exactly once, for arguments
+    shaped like the real ones: afterwards each jitted function holds one program, so the
+    real call reused it instead of compiling a second one."""
+    compiled = []
+    real = executor._compile_quietly
+
+    def recording(fn, structs):
+        compiled.append(fn)
+        real(fn, structs)
+
+    monkeypatch.setattr(executor, "_compile_quietly", recording)
+    base, experts = models()
+    # A budget that cuts the embedding into row blocks: TIES then runs per-leaf passes.
+    jaxmerge.merge(getattr(jaxmerge, method)(), base, experts, key=0, chunk_bytes=20_000)
+    assert compiled, "nothing was compiled ahead"
+    assert len({id(fn) for fn in compiled}) == len(compiled)
+    for fn in compiled:
+        assert fn._cache_size() == 1
+
+
+def test_results_do_not_depend_on_the_pipeline(monkeypatch):
+    """The same bits with compiling ahead and one chunk in flight, and without either."""
+    base, experts = models(seed=4)
+    merge = jaxmerge.ties(0.3)
+    piped = jaxmerge.merge(merge, base, experts, key=1, chunk_bytes=20_000)
+
+    def in_order(stream, launch):
+        for chunk, arrays in stream:
+            yield chunk, launch(chunk, arrays)
+
+    monkeypatch.setattr(executor, "_one_ahead", in_order)
+    monkeypatch.setattr(executor, "_compile_quietly", lambda fn, structs: None)
+    plain = jaxmerge.merge(merge, base, experts, key=1, chunk_bytes=20_000)
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(piped[name]), np.asarray(plain[name]))
+
+
+def test_a_failing_compilation_ahead_is_reported_by_the_real_call():
+    """An error raised while tracing a leaf function is swallowed by the background
+    compilation and raised, unchanged, by the merge's own call."""
+
+    def broken(x, ctx):
+        raise ValueError("leaf function failed")
+
+    with pytest.raises(ValueError, match="leaf function failed"):
+        jaxmerge.merge(jaxmerge.rowwise(broken), *models())
+
+
+@pytest.mark.parametrize("rows, max_rows, expected", [
+    (49152, 2080, 2048),   # SmolLM2's embedding: 24 equal blocks, not 23 + 1
+    (151936, 2000, 1187),  # Qwen2.5's vocabulary: 128 equal blocks
+    (32000, 100, 100),
+    (7, 3, 3),             # no divisor within 2x the fewest blocks: 3 + 3 + 1
+    (5, 5, 5),
+    (1, 1, 1),
+])
+def test_balanced_block_rows(rows, max_rows, expected):
+    assert balanced_block_rows(rows, max_rows) == expected
+
+
+@pytest.mark.parametrize("rows", [2, 3, 97, 1000, 4096, 49152, 151936])
+@pytest.mark.parametrize("max_rows", [1, 2, 7, 100, 2080])
+def test_balanced_blocks_stay_within_the_budget_and_need_at_most_two_shapes(rows, max_rows):
+    size = balanced_block_rows(rows, max_rows)
+    assert 1 <= size <= max_rows
+    blocks = -(-rows // size)
+    shapes = {min(size, rows - start) for start in range(0, rows, size)}
+    assert len(shapes) <= 2
+    assert blocks <= 2 * -(-rows // max_rows)
