@@ -1,7 +1,11 @@
 """The executor's pipeline: compiling ahead, one chunk in flight, balanced row blocks."""
 
+import threading
+
+import jax
 import numpy as np
 import pytest
+from jax._src import dispatch
 
 import jaxmerge
 from jaxmerge import executor
@@ -25,25 +29,35 @@ def models(n=3, seed=0):
 
 
 @pytest.mark.parametrize("method", ["ties", "resmerge", "dare_ties"])
-def test_each_shape_is_compiled_ahead_once_and_reused(monkeypatch, method):
-    """Every distinct call is compiled in the background exactly once, for arguments
-    shaped like the real ones: afterwards each jitted function holds one program, so the
-    real call reused it instead of compiling a second one."""
-    compiled = []
+def test_every_program_is_compiled_ahead_and_reused(monkeypatch, method):
+    """Every distinct call is compiled in the background thread, once, for arguments
+    shaped like the real ones: the real calls then compile nothing themselves (a
+    mismatch in shape or dtype would make them compile again, in the main thread)."""
+    merge = getattr(jaxmerge, method)()
+    jaxmerge.merge(merge, *models(seed=1), key=0)  # warm the small helper programs
+    submitted, compiling_threads = [], []
     real = executor._compile_quietly
 
     def recording(fn, structs):
-        compiled.append(fn)
+        submitted.append(fn)
         real(fn, structs)
 
+    def on_event(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiling_threads.append(threading.current_thread().name)
+
     monkeypatch.setattr(executor, "_compile_quietly", recording)
-    base, experts = models()
-    # A budget that cuts the embedding into row blocks: TIES then runs per-leaf passes.
-    jaxmerge.merge(getattr(jaxmerge, method)(), base, experts, key=0, chunk_bytes=20_000)
-    assert compiled, "nothing was compiled ahead"
-    assert len({id(fn) for fn in compiled}) == len(compiled)
-    for fn in compiled:
-        assert fn._cache_size() == 1
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        # A budget that cuts the embedding into row blocks: TIES then runs per-leaf passes.
+        jaxmerge.merge(merge, *models(), key=0, chunk_bytes=20_000)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert submitted, "nothing was compiled ahead"
+    assert len({id(fn) for fn in submitted}) == len(submitted)
+    assert len(compiling_threads) >= len(submitted)
+    assert all(name.startswith("jaxmerge-compile") for name in compiling_threads), (
+        compiling_threads)
 
 
 def test_results_do_not_depend_on_the_pipeline(monkeypatch):

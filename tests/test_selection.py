@@ -27,6 +27,10 @@ def kth(x, rank):
     return float(jax.jit(ops.kth_smallest_abs)(jnp.asarray(x), rank))
 
 
+def sparse(rng, shape, fraction):
+    return np.where(rng.random(shape) < fraction, rng.normal(size=shape), 0).astype(np.float32)
+
+
 def distributions(shape, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.normal(scale=0.02, size=shape).astype(np.float32)
@@ -34,8 +38,8 @@ def distributions(shape, seed=0):
     return {
         "gaussian": rng.normal(scale=1e-3, size=shape).astype(np.float32),
         "bf16 difference (many ties)": bf16(base + rng.normal(scale=1e-3, size=shape)) - bf16(base),
-        "98% zeros": np.where(rng.random(shape) < 0.02, rng.normal(size=shape), 0).astype(np.float32),
-        "70% zeros": np.where(rng.random(shape) < 0.3, rng.normal(size=shape), 0).astype(np.float32),
+        "98% zeros": sparse(rng, shape, 0.02),
+        "70% zeros": sparse(rng, shape, 0.3),
         "with +inf": np.where(rng.random(shape) < 0.1, np.inf,
                               rng.normal(size=shape)).astype(np.float32),
         "denormals": (rng.normal(size=shape) * 1e-39).astype(np.float32),
