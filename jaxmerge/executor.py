@@ -577,9 +577,14 @@ class Executor:
         ahead: dict[int, concurrent.futures.Future] = {}
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-compile")
         try:
+            shapes_seen = set()
             for chunk in chunks:
-                if chunk.strategy is not None:
-                    continue
+                first = chunk.leaves[0]
+                shape = (first.info.group_key(), self.merge.choose(first.info),
+                         first.out_dtype.str, chunk.size)
+                if chunk.strategy is not None or shape in shapes_seen:
+                    continue  # (same shape: same function and argument shapes)
+                shapes_seen.add(shape)
                 fn, args = call_of(chunk, (*chunk.ids(), *self._input_structs(chunk)))
                 if id(fn) not in ahead:
                     structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
