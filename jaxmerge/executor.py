@@ -550,12 +550,18 @@ class Executor:
 
     # -- running -------------------------------------------------------------
 
-    def _compiled_fn(self, kind, chunk: _Chunk, factory):
+    def _program_key(self, chunk: _Chunk) -> tuple:
+        """What a chunk's compiled call depends on, besides its kind (apply or a pass)."""
         info = chunk.leaves[0].info
-        key = (kind, info.group_key(), self.merge.choose(info), chunk.leaves[0].out_dtype.str,
+        key = (info.group_key(), self.merge.choose(info), chunk.leaves[0].out_dtype.str,
                chunk.leaves[0].out_dtype.name)
         if chunk.strategy is not None:
             key += (chunk.strategy,)
+        return key
+
+    def _compiled_fn(self, kind, chunk: _Chunk, factory):
+        info = chunk.leaves[0].info
+        key = (kind, *self._program_key(chunk))
         if key not in self._compiled:
             self._compiled[key] = factory(info)
             self.report.compiled_calls += 1
@@ -579,11 +585,9 @@ class Executor:
         try:
             shapes_seen = set()
             for chunk in chunks:
-                first = chunk.leaves[0]
-                shape = (first.info.group_key(), self.merge.choose(first.info),
-                         first.out_dtype.str, chunk.size)
+                shape = (*self._program_key(chunk), chunk.size)
                 if chunk.strategy is not None or shape in shapes_seen:
-                    continue  # (same shape: same function and argument shapes)
+                    continue  # (same key and size: same function and argument shapes)
                 shapes_seen.add(shape)
                 fn, args = call_of(chunk, (*chunk.ids(), *self._input_structs(chunk)))
                 if id(fn) not in ahead:
