@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command
+from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command, run_program
 from jaxmerge.errors import ConfigError
 
 
@@ -126,4 +126,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_program(main)

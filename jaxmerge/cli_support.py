@@ -4,10 +4,12 @@ so each CLI module defines its own flags without clashing."""
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from jaxmerge.errors import ConfigError, JaxmergeError
 
@@ -61,3 +63,33 @@ def run_command(run: Callable[[Sequence[str]], int], argv: Sequence[str]) -> int
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+
+
+def run_program(main: Callable[[Sequence[str]], int]) -> None:
+    """Runs a command line's ``main`` under ``absl.app`` and ends the process right after.
+
+    A one-process run skips the interpreter's teardown (:func:`exit_now`): by then every
+    file is closed, synced and renamed, and unloading JAX and XLA's CPU client would add
+    ~0.15 s, a tenth of a small merge. A multi-process run exits normally, so that
+    ``jax.distributed`` shuts down in step with the other processes.
+    """
+    from absl import app
+
+    def main_then_exit(argv):
+        code = main(argv)
+        from jaxmerge import distributed
+
+        if not distributed.initialized():
+            exit_now(code)
+        return code
+
+    app.run(main_then_exit)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flushes the log and the standard streams, then ends the process with ``code``
+    without running the interpreter's teardown (``os._exit``)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmerge.errors import ConfigError
 
 logger = logging.getLogger("jaxmerge")
+_initialized = False  # set by initialize()
 
 AXIS_NAMES = ("devices", "devices_1", "devices_2", "devices_3")
 """Names of the mesh axes, by position (a 1-D mesh has the axis ``devices``)."""
@@ -68,10 +69,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ConfigError(f"--process_id must be in [0, {num_processes}), got {process_id}")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+    global _initialized
+    _initialized = True
     logger.info("jax.distributed: process %d of %d, %d local / %d global devices",
                 jax.process_index(), jax.process_count(), jax.local_device_count(),
                 jax.device_count())
     return True
+
+
+def initialized() -> bool:
+    """Whether :func:`initialize` started ``jax.distributed`` in this process."""
+    return _initialized
 
 
 def parse_mesh_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | None:

@@ -448,7 +448,7 @@ class Executor:
     def _read_chunk(self, chunk: _Chunk):
         if chunk.strategy is not None:
             return self._read_chunk_global(chunk)
-        base, experts, extras = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+        base, experts, extras = jax.tree.map(lambda s: host_zeros(s.shape, s.dtype),
                                              self._input_structs(chunk))
         for i, leaf in enumerate(chunk.slots):
             if leaf is None:
@@ -507,7 +507,7 @@ class Executor:
             items = range(*index[0].indices(chunk.size))
             rows = (index[row_dim].indices(shape[0])[:2] if chunk.strategy == ROWS else None)
             local = (rows[1] - rows[0], *shape[1:]) if rows else shape
-            out = np.zeros((len(items), *lead[1:], *local), dtype)
+            out = host_zeros((len(items), *lead[1:], *local), dtype)
             for j, i in enumerate(items):
                 leaf = chunk.slots[i]
                 if leaf is None:
@@ -831,6 +831,23 @@ class Executor:
                     f"tensor {leaf.name!r} in {source.location(leaf.name)} contains NaN or "
                     "infinite values"
                 )
+
+
+HOST_ALIGNMENT = 64
+
+
+def host_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed host array whose data starts on a ``HOST_ALIGNMENT``-byte boundary.
+
+    JAX's CPU client uses such an array's memory in place when it becomes a jit
+    argument; a less aligned one (``np.zeros`` of a big array starts 16 bytes past a
+    page) is copied first: ~10 % of a task_arithmetic merge's CPU time.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _compile_quietly(fn, structs) -> None:

@@ -13,11 +13,11 @@ import shlex
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 from jaxmerge import methods
 from jaxmerge.algebra import Merge
-from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command
+from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command, run_program
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.io.hf import check_output_available
 
@@ -401,9 +401,9 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_program(main)
 
 
 def entry_point() -> None:
     """Console script ``jaxmerge``: same as ``python -m jaxmerge.main``."""
-    app.run(main)
+    run_program(main)

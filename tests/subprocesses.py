@@ -12,9 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def subprocess_env() -> dict[str, str]:
     """This process's environment without ``XLA_FLAGS``: the tests' no-optimisation flags
-    (tests/conftest.py) are for in-process runs; a subprocess compiles like a user's run."""
+    (tests/conftest.py) are for in-process runs; a subprocess compiles like a user's run.
+    Nor ``PYTHONUNBUFFERED``: a program must flush its own output (a pipe is buffered)."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    env.pop("PYTHONUNBUFFERED", None)
     return env
 
 

@@ -411,6 +411,31 @@ def test_subprocess_error_has_no_traceback_and_help_lists_flags(tiny, tmp_path):
     assert "(default: '0.2')" in help_text  # density's METHODS.md default
 
 
+def test_subprocess_run_ends_with_everything_written(tiny, tmp_path):
+    """The command line ends its process without the interpreter's teardown
+    (``cli_support.run_program``): what it printed, wrote and cached must all be there."""
+    base, experts = tiny
+    cache = tmp_path / "xla"
+    runs = []
+    for name in ("first", "second"):
+        result = run_module("jaxmerge.main", "--method=ties", f"--base={base}",
+                            experts_flag(experts), f"--output={tmp_path / name}",
+                            f"--compilation_cache={cache}", timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip().endswith(
+            f"from_pretrained({str(tmp_path / name)!r})"), result.stdout
+        runs.append(read_native(tmp_path / name))
+        assert any(cache.iterdir())  # the compiled programs reached the cache
+    first, second = runs
+    base_tensors = read_native(base)
+    assert set(first) == set(second) == set(base_tensors)
+    for name, value in first.items():
+        assert value.shape == base_tensors[name].shape, name
+        assert value.tobytes() == second[name].tobytes(), name  # compiled == from the cache
+    assert json.loads((tmp_path / "second" / "jaxmerge_config.json").read_text())[
+        "method"] == "ties"
+
+
 def test_flag_defaults_are_the_method_defaults():
     import inspect
 

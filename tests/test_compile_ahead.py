@@ -3,6 +3,7 @@
 import threading
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from jax._src import dispatch
@@ -109,3 +110,22 @@ def test_balanced_blocks_stay_within_the_budget_and_need_at_most_two_shapes(rows
     shapes = {min(size, rows - start) for start in range(0, rows, size)}
     assert len(shapes) <= 2
     assert blocks <= 2 * -(-rows // max_rows)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 5), (2, 1536, 576), (4, 0, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16, np.int8])
+def test_host_zeros_is_aligned_zeroed_and_writable(shape, dtype):
+    array = executor.host_zeros(shape, dtype)
+    assert array.shape == shape and array.dtype == np.dtype(dtype)
+    assert array.flags.c_contiguous and array.flags.writeable
+    assert array.size == 0 or array.ctypes.data % executor.HOST_ALIGNMENT == 0
+    assert not np.any(array.astype(np.float32))
+
+
+def test_jax_uses_host_zeros_in_place():
+    """Why the read buffers are aligned: JAX's CPU client aliases such an array instead of
+    copying it (a change written after the transfer shows through)."""
+    aligned = executor.host_zeros((1024, 1024), np.float32)
+    on_device = jax.device_put(aligned)
+    aligned[0, 0] = 1.0
+    assert float(on_device[0, 0]) == 1.0
