@@ -24,6 +24,7 @@ from jaxmerge.executor import DEFAULT_CHUNK_BYTES, Executor, RunReport
 from jaxmerge.io import hf
 from jaxmerge.io.safetensors_io import ShardedWriter
 from jaxmerge.plan import Plan, build_plan
+from jaxmerge.programs import ProgramCache
 from jaxmerge.sources import ArraySource, CheckpointSource, flatten_params
 from jaxmerge.version import __version__
 
@@ -80,6 +81,7 @@ def merge_checkpoints(
     progress: bool = False,
     command: str | None = None,
     mesh_shape: str | Sequence[int] | None = None,
+    programs: ProgramCache | None = None,
 ) -> MergeResult:
     """Merges Hugging Face checkpoint directories into a new one, streaming.
 
@@ -109,6 +111,9 @@ def merge_checkpoints(
         hold and writes its own bytes into the shared output files (the output must be
         on a file system every process sees); process 0 writes headers, the index and
         the metadata, and renames the result into place.
+      programs: a :class:`jaxmerge.programs.ProgramCache` whose identity names
+        ``merge`` completely (method and every hyperparameter): later runs with the
+        same identity load the traced programs instead of tracing them again.
     """
     if output_format not in ("safetensors", "orbax"):
         raise ConfigError(f"format must be 'safetensors' or 'orbax', got {output_format!r}")
@@ -134,7 +139,7 @@ def merge_checkpoints(
         logger.warning(warning)
     executor = Executor(merge, plan, base_source, expert_sources, extra_sources,
                         key=jax.random.key(seed), chunk_bytes=chunk_bytes, progress=progress,
-                        mesh=mesh)
+                        mesh=mesh, programs=programs)
     record = {
         "jaxmerge_version": __version__,
         "method": method_name,

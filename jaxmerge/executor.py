@@ -44,6 +44,7 @@ from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
+from jaxmerge.programs import ProgramCache
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Default memory budget for one chunk of stacked inputs and their float32 work arrays.
@@ -308,12 +309,16 @@ class Executor:
         None or a one-device mesh: the default device, as before. On several processes
         every process builds the same executor and runs it; each reads and writes only
         what its own devices hold.
+      programs: a :class:`jaxmerge.programs.ProgramCache` naming this merge: one-device
+        programs are loaded from it, or traced and stored there for later runs.
     """
 
     def __init__(self, merge: Merge, plan: Plan, base: Source, experts: Sequence[Source],
                  extras: Mapping[str, Sequence[Source]] | None = None, *, key=None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False, mesh=None):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False, mesh=None,
+                 programs: ProgramCache | None = None):
         self.merge = merge
+        self.programs = programs
         self.plan = plan
         self.base = base
         self.experts = list(experts)
@@ -562,6 +567,11 @@ class Executor:
     def _compiled_fn(self, kind, chunk: _Chunk, factory):
         info = chunk.leaves[0].info
         key = (kind, *self._program_key(chunk))
+        if self.programs is not None and chunk.strategy is None:
+            key += (chunk.size,)  # an exported program has fixed argument shapes
+            if key not in self._compiled:
+                self._compiled[key] = self.programs.program(lambda: factory(info), repr(key))
+                self.report.compiled_calls += 1
         if key not in self._compiled:
             self._compiled[key] = factory(info)
             self.report.compiled_calls += 1
@@ -574,8 +584,9 @@ class Executor:
         arrays)``, which runs ``fn(*args)`` for ``call_of(chunk, arrays) -> (fn, args)``.
 
         Tracing, lowering and compiling (or loading from the persistent cache) take
-        ~20–100 ms per shape and merge even when the compiled program is cached; here
-        they overlap the first shapes' compute instead of preceding each shape. The
+        20–500 ms per shape and merge even when the compiled program is cached (less
+        with a :class:`ProgramCache`, which skips the tracing); here they overlap the
+        first shapes' compute instead of preceding each shape. The
         jitted functions keep what was compiled: ``launch`` calls them as usual (first
         waiting for a compilation of the same function already under way). One-device
         chunks only; a failure here is ignored (the launch raises it, with its context).

@@ -7,6 +7,7 @@ streaming run. No math lives here.
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 import runpy
 import shlex
@@ -20,6 +21,7 @@ from jaxmerge.algebra import Merge
 from jaxmerge.cli_support import enable_compilation_cache, parse_size, run_command, run_program
 from jaxmerge.errors import ConfigError, JaxmergeError
 from jaxmerge.io.hf import check_output_available
+from jaxmerge.programs import ProgramCache
 
 
 def _usage() -> str:
@@ -81,8 +83,9 @@ _CHUNK_MEMORY = flags.DEFINE_string(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxmerge/xla",
-    "Directory of JAX's persistent compilation cache: a repeated merge of the same shapes "
-    "skips XLA compilation. Empty string: off.")
+    "Directory of JAX's persistent compilation cache and of jaxmerge's traced programs "
+    "(in jaxmerge-programs/): a repeated merge of the same shapes with the same method "
+    "and hyperparameters skips tracing and XLA compilation. Empty string: off.")
 # Scale-out (jaxmerge.distributed): a device mesh, and jax.distributed for many processes.
 _MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", None,
@@ -330,6 +333,17 @@ def _extras(merge: Merge, base: str, experts: list[str], output: str, overwrite:
         yield {"fisher": _compute_fishers(base, experts, files, pathlib.Path(scratch))}
 
 
+def _program_cache(name: str, hyper: dict) -> ProgramCache | None:
+    """The traced-program cache next to the compilation cache, for a built-in method
+    (named by its hyperparameters); a recipe's merge has no name that determines it."""
+    if not _COMPILATION_CACHE.value or _RECIPE.value:
+        return None
+    identity = json.dumps({"method": name, "hyperparameters": hyper, "weights": _weights()},
+                          sort_keys=True, default=repr)
+    directory = pathlib.Path(_COMPILATION_CACHE.value).expanduser() / "jaxmerge-programs"
+    return ProgramCache(directory, identity)
+
+
 def run(argv) -> int:
     """Parses nothing itself: reads the already-parsed flags and merges."""
     from jaxmerge.api import merge_checkpoints
@@ -371,6 +385,7 @@ def run(argv) -> int:
     max_shard_size = parse_size(_MAX_SHARD_SIZE.value, "max_shard_size")
     chunk_bytes = parse_size(_CHUNK_MEMORY.value, "chunk_memory")
     enable_compilation_cache(_COMPILATION_CACHE.value)
+    programs = _program_cache(name, hyper)
     with _extras(merge, base, experts, output, overwrite) as extras:
         result = merge_checkpoints(
             merge, base, experts, output,
@@ -386,6 +401,7 @@ def run(argv) -> int:
             extras=extras,
             command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             mesh_shape=_MESH_SHAPE.value,
+            programs=programs,
         )
     report = result.report
     print(f"merged {len(experts)} experts with {name} into {result.output} "

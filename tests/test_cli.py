@@ -426,6 +426,7 @@ def test_subprocess_run_ends_with_everything_written(tiny, tmp_path):
             f"from_pretrained({str(tmp_path / name)!r})"), result.stdout
         runs.append(read_native(tmp_path / name))
         assert any(cache.iterdir())  # the compiled programs reached the cache
+        assert any((cache / "jaxmerge-programs").glob("*.jaxexport"))  # and the traced ones
     first, second = runs
     base_tensors = read_native(base)
     assert set(first) == set(second) == set(base_tensors)
@@ -434,6 +435,32 @@ def test_subprocess_run_ends_with_everything_written(tiny, tmp_path):
         assert value.tobytes() == second[name].tobytes(), name  # compiled == from the cache
     assert json.loads((tmp_path / "second" / "jaxmerge_config.json").read_text())[
         "method"] == "ties"
+
+
+def test_program_cache_is_named_by_method_and_hyperparameters(tmp_path):
+    """The traced-program cache sits in the compilation cache; its identity is the method
+    with every hyperparameter, and a recipe (code the CLI cannot name) gets none."""
+
+    def cache_for(*args):
+        with flagsaver.flagsaver():
+            FLAGS.unparse_flags()
+            FLAGS(["jaxmerge", *args])
+            name = cli_main._METHOD.value
+            hyper = cli_main.hyperparameters(name) if name else {}
+            return cli_main._program_cache(name, hyper)
+
+    cache = tmp_path / "xla"
+    ties = cache_for("--method=ties", f"--compilation_cache={cache}")
+    assert ties.directory == cache / "jaxmerge-programs"
+    assert ties.identity == cache_for("--method=ties", f"--compilation_cache={cache}").identity
+    assert ties.identity != cache_for("--method=ties", "--density=0.3",
+                                      f"--compilation_cache={cache}").identity
+    assert ties.identity != cache_for("--method=dare_ties",
+                                      f"--compilation_cache={cache}").identity
+    assert cache_for("--method=ties", "--compilation_cache=") is None
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("import jaxmerge\nmerge = jaxmerge.ties()\n")
+    assert cache_for(f"--recipe={recipe}", f"--compilation_cache={cache}") is None
 
 
 def test_flag_defaults_are_the_method_defaults():
