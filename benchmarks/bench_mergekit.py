@@ -544,20 +544,22 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
           "RAM; {platform}; python {python}".format(**facts))
     print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
     header = ["method", "jm cold s", "jm med s", "jm warm-cache s", "mk cold s", "mk med s",
-              "mk/jm med", "mk/jm cold", "jm CPU s", "mk CPU s", "jm RSS MB", "mk RSS MB",
-              "RSS mk/jm", "comparison"]
+              "mk/jm med", "mk/jm cold", "mk/jm warm", "jm CPU s", "mk CPU s", "jm RSS MB",
+              "mk RSS MB", "RSS mk/jm", "comparison"]
     rows = []
     for rec in records:
         jm, mk, jc = rec.get("jaxmerge"), rec.get("mergekit"), rec.get("jaxmerge_jax_cache")
         speed_med = mk["median_s"] / jm["median_s"] if jm and mk else None
         speed_cold = (mk["cold_s"] / jm["cold_s"] if jm and mk and jm["cold_s"]
                       and mk["cold_s"] else None)
+        speed_warm = (mk["median_s"] / jc["warm_median_s"] if mk and jc else None)
         rss = mk["peak_rss_mb"] / jm["peak_rss_mb"] if jm and mk else None
         cmp = rec.get("comparison")
         rows.append([rec["method"], fmt(jm and jm["cold_s"]), fmt(jm and jm["median_s"]),
                      fmt(jc and jc["warm_median_s"]), fmt(mk and mk["cold_s"]),
                      fmt(mk and mk["median_s"]), fmt(speed_med), fmt(speed_cold),
-                     fmt(jm and jm["median_cpu_s"], ".1f"), fmt(mk and mk["median_cpu_s"], ".1f"),
+                     fmt(speed_warm), fmt(jm and jm["median_cpu_s"], ".1f"),
+                     fmt(mk and mk["median_cpu_s"], ".1f"),
                      fmt(jm and jm["peak_rss_mb"], ".0f"), fmt(mk and mk["peak_rss_mb"], ".0f"),
                      fmt(rss), verdict(rec["method"], cmp) if cmp else "not compared"])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -577,7 +579,8 @@ def print_tables(records: list[dict], facts: dict, load: dict | None) -> None:
               "CPU seconds too.")
     print("jm warm-cache = jaxmerge with its --compilation_cache=DIR (JAX's persistent "
           "compilation cache; on by default in the CLI), median of the runs after the one "
-          "that filled an empty DIR. jm cold/med use --compilation_cache= (off).")
+          "that filled an empty DIR (mk/jm warm = mk med / jm warm-cache). jm cold/med use "
+          "--compilation_cache= (off).")
     for rec in records:
         cmp = rec.get("comparison") or {}
         print(f"\n[{rec['method']}] {rec['note']}")
