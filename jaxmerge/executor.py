@@ -873,10 +873,10 @@ def _compile_quietly(fn, structs) -> None:
 def _one_ahead(stream, launch):
     """Yields ``(chunk, launch(chunk, arrays))`` for ``stream``'s chunks, one chunk late.
 
-    ``launch`` traces and compiles the chunk's call when its shape is new, then
-    dispatches it (asynchronously); chunk k + 1 is launched before chunk k's results
-    are awaited, so compiling the next shape overlaps computing this one, and the
-    device always has the next call queued. Costs one more chunk of inputs in memory.
+    ``launch`` dispatches the chunk's call (asynchronously; a mesh chunk's call is
+    traced and compiled there when its shape is new, a one-device chunk's was compiled
+    ahead); chunk k + 1 is launched before chunk k's results are awaited, so the device
+    always has the next call queued. Costs one more chunk of inputs in memory.
     """
     previous = None
     for chunk, arrays in stream:
