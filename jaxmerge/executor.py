@@ -578,44 +578,36 @@ class Executor:
         return self._compiled[key]
 
     @contextlib.contextmanager
-    def _compiling_ahead(self, chunks: list[_Chunk], call_of):
-        """Compiles the calls of ``chunks`` in a background thread, each new shape in
-        order of first use, while earlier chunks compute; yields ``launch(chunk,
-        arrays)``, which runs ``fn(*args)`` for ``call_of(chunk, arrays) -> (fn, args)``.
+    def _compiling_ahead(self, call_of):
+        """A background thread that compiles chunk calls ahead of their use: yields a
+        :class:`_Ahead` whose ``submit(chunks)`` queues each new shape's call of
+        ``call_of(chunk, arrays) -> (fn, args)`` and whose ``launch(chunk, arrays)``
+        runs it (first waiting for its compilation if that is under way).
 
         Tracing, lowering and compiling (or loading from the persistent cache) take
         20–500 ms per shape and merge even when the compiled program is cached (less
-        with a :class:`ProgramCache`, which skips the tracing); here they overlap the
-        first shapes' compute instead of preceding each shape. The
-        jitted functions keep what was compiled: ``launch`` calls them as usual (first
-        waiting for a compilation of the same function already under way). One-device
+        with a :class:`ProgramCache`, which skips the tracing); here they overlap
+        earlier work (other shapes' compute, the statistics passes) instead of
+        preceding each shape. The jitted functions keep what was compiled. One-device
         chunks only; a failure here is ignored (the launch raises it, with its context).
         """
-        ahead: dict[int, concurrent.futures.Future] = {}
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-compile")
         try:
-            shapes_seen = set()
-            for chunk in chunks:
-                shape = (*self._program_key(chunk), chunk.size)
-                if chunk.strategy is not None or shape in shapes_seen:
-                    continue  # (same key and size: same function and argument shapes)
-                shapes_seen.add(shape)
-                fn, args = call_of(chunk, (*chunk.ids(), *self._input_structs(chunk)))
-                if id(fn) not in ahead:
-                    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                           args)
-                    ahead[id(fn)] = pool.submit(_compile_quietly, fn, structs)
-
-            def launch(chunk, arrays):
-                fn, args = call_of(chunk, arrays)
-                future = ahead.pop(id(fn), None)
-                if future is not None and not future.cancel():
-                    future.result()
-                return fn(*args)
-
-            yield launch
+            yield _Ahead(self, call_of, pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _free_of_stats(self, chunks: list[_Chunk]) -> list[_Chunk]:
+        """The chunks whose merge call takes no statistic, so can be compiled before the
+        statistics passes run: all of them unless a pass is whole-model, except the
+        leaves merged in row blocks (the only ones that get per-leaf statistics)."""
+        if any(not stats_pass.per_leaf for stats_pass in self.merge.passes):
+            return []
+        with_stats = {leaf.name for stats_pass in self.merge.passes
+                      for chunk in self._chunks(stats_pass.applies, only_blocks=True)
+                      for leaf in chunk.leaves}
+        return [chunk for chunk in chunks
+                if not any(leaf.name in with_stats for leaf in chunk.leaves)]
 
     def compute_stats(self) -> dict:
         """Runs every statistics pass, in order.
@@ -657,8 +649,9 @@ class Executor:
             return fn, (valid, *self._call_args(chunk, arrays, stats))
 
         totals: dict = {}
-        with self._compiling_ahead(chunks, call_of) as launch:
-            for chunk, launched in _one_ahead(self._stream(chunks, label), launch):
+        with self._compiling_ahead(call_of) as ahead:
+            ahead.submit(chunks)
+            for chunk, launched in _one_ahead(self._stream(chunks, label), ahead.launch):
                 partial = jax.tree.map(lambda p: _widen(distributed.local_value(p)), launched)
                 if stats_pass.per_leaf:
                     for i, leaf in enumerate(chunk.slots):
@@ -741,7 +734,7 @@ class Executor:
     def run(self, write) -> RunReport:
         """Merges every tensor and hands it to ``write(name, array, rows=None)``."""
         start = time.perf_counter()
-        stats = self.compute_stats()
+        stats: dict = {}  # filled by the statistics passes, before the first merge call
         aliases: dict[str, list[str]] = {}
         for leaf in self.plan.leaves:
             if leaf.alias_of is not None:
@@ -757,8 +750,12 @@ class Executor:
 
             pending = None
             chunks = self._chunks()
-            with self._compiling_ahead(chunks, call_of) as launch:
-                for chunk, (merged, finite) in _one_ahead(self._stream(chunks, "merge"), launch):
+            with self._compiling_ahead(call_of) as ahead:
+                ahead.submit(self._free_of_stats(chunks))  # compiled while the passes run
+                stats.update(self.compute_stats())
+                ahead.submit(chunks)
+                for chunk, (merged, finite) in _one_ahead(self._stream(chunks, "merge"),
+                                                          ahead.launch):
                     computed = time.perf_counter()
                     self._check_finite(chunk, distributed.local_value(finite))
                     pieces = self._local_pieces(chunk, merged)
@@ -859,6 +856,39 @@ def host_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     raw = np.zeros(nbytes + HOST_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % HOST_ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+class _Ahead:
+    """The compile-ahead queue of :meth:`Executor._compiling_ahead`."""
+
+    def __init__(self, executor: Executor, call_of, pool: concurrent.futures.Executor):
+        self._executor = executor
+        self._call_of = call_of
+        self._pool = pool
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._shapes: set = set()
+
+    def submit(self, chunks: list[_Chunk]) -> None:
+        """Queues the call of each chunk whose shape is new (in order of first use)."""
+        for chunk in chunks:
+            shape = (*self._executor._program_key(chunk), chunk.size)
+            if chunk.strategy is not None or shape in self._shapes:
+                continue  # (same key and size: same function and argument shapes)
+            self._shapes.add(shape)
+            fn, args = self._call_of(chunk, (*chunk.ids(),
+                                             *self._executor._input_structs(chunk)))
+            if id(fn) not in self._futures:
+                structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                       args)
+                self._futures[id(fn)] = self._pool.submit(_compile_quietly, fn, structs)
+
+    def launch(self, chunk: _Chunk, arrays):
+        """Runs the chunk's call, once a compilation of it already under way is done."""
+        fn, args = self._call_of(chunk, arrays)
+        future = self._futures.pop(id(fn), None)
+        if future is not None and not future.cancel():
+            future.result()
+        return fn(*args)
 
 
 def _compile_quietly(fn, structs) -> None:

@@ -61,6 +61,46 @@ def test_every_program_is_compiled_ahead_and_reused(monkeypatch, method):
         compiling_threads)
 
 
+@pytest.mark.parametrize("merge, early", [
+    (jaxmerge.ties(), True),                       # per-leaf passes (row blocks) only
+    (jaxmerge.ties(scope="global"), False),        # a whole-model pass: every call needs it
+    (jaxmerge.task_arithmetic(), True),            # no pass at all
+])
+def test_merge_calls_compile_while_the_statistics_passes_run(monkeypatch, merge, early):
+    """Calls that take no statistic are queued for compilation before the first pass;
+    those of row-blocked leaves (per-leaf statistics) and, with a whole-model pass,
+    all of them are queued only once the statistics are known."""
+    queued = []  # merge calls: (statistics known?, the call's statistics arguments)
+    known = [False]
+    merge_calls = set()
+    real_stats = executor.Executor.compute_stats
+    real_apply = executor.Executor._compile_apply
+
+    def compute_stats(self):
+        result = real_stats(self)
+        known[0] = True
+        return result
+
+    def compile_apply(self, *args):
+        fn = real_apply(self, *args)
+        merge_calls.add(id(fn))
+        return fn
+
+    def recording(fn, structs):
+        if id(fn) in merge_calls:  # not a statistics pass's call
+            queued.append((known[0], structs[-2:]))
+
+    monkeypatch.setattr(executor.Executor, "compute_stats", compute_stats)
+    monkeypatch.setattr(executor.Executor, "_compile_apply", compile_apply)
+    monkeypatch.setattr(executor, "_compile_quietly", recording)
+    jaxmerge.merge(merge, *models(), key=0, chunk_bytes=20_000)
+    before = [stats for after, stats in queued if not after]
+    assert bool(before) == early
+    assert all(stats == ({}, {}) for stats in before)  # none of them takes a statistic
+    if merge.passes:
+        assert any(after for after, _ in queued)
+
+
 def test_results_do_not_depend_on_the_pipeline(monkeypatch):
     """The same bits with compiling ahead and one chunk in flight, and without either."""
     base, experts = models(seed=4)
