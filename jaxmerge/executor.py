@@ -44,7 +44,7 @@ from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
-from jaxmerge.programs import ProgramCache
+from jaxmerge.programs import ProgramCache, abstract_arguments
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Default memory budget for one chunk of stacked inputs and their float32 work arrays.
@@ -567,13 +567,12 @@ class Executor:
     def _compiled_fn(self, kind, chunk: _Chunk, factory):
         info = chunk.leaves[0].info
         key = (kind, *self._program_key(chunk))
-        if self.programs is not None and chunk.strategy is None:
+        cached = self.programs is not None and chunk.strategy is None
+        if cached:
             key += (chunk.size,)  # an exported program has fixed argument shapes
-            if key not in self._compiled:
-                self._compiled[key] = self.programs.program(lambda: factory(info), repr(key))
-                self.report.compiled_calls += 1
         if key not in self._compiled:
-            self._compiled[key] = factory(info)
+            self._compiled[key] = (self.programs.program(lambda: factory(info), repr(key))
+                                   if cached else factory(info))
             self.report.compiled_calls += 1
         return self._compiled[key]
 
@@ -878,9 +877,8 @@ class _Ahead:
             fn, args = self._call_of(chunk, (*chunk.ids(),
                                              *self._executor._input_structs(chunk)))
             if id(fn) not in self._futures:
-                structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                       args)
-                self._futures[id(fn)] = self._pool.submit(_compile_quietly, fn, structs)
+                self._futures[id(fn)] = self._pool.submit(_compile_quietly, fn,
+                                                          abstract_arguments(args))
 
     def launch(self, chunk: _Chunk, arrays):
         """Runs the chunk's call, once a compilation of it already under way is done."""

@@ -108,7 +108,7 @@ class CachedProgram:
             return self._fn
 
     def _exported_or_traced(self, args) -> Callable:
-        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+        structs = abstract_arguments(args)
         key = self._cache.key(self._label, structs)
         if key is None:
             return self._make()
@@ -131,6 +131,11 @@ class CachedProgram:
 
     def __call__(self, *args):
         return self._resolve(args)(*args)
+
+
+def abstract_arguments(args):
+    """``args`` (arrays or shape structs) as :class:`jax.ShapeDtypeStruct` s."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
 
 
 @functools.cache
