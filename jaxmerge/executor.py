@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmerge import distributed
+from jaxmerge import distributed, hashing
 from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
@@ -67,9 +67,10 @@ def name_hash(name: str) -> int:
 
 
 def derive_keys(root_key, leaf_hash, num_experts: int):
-    """Per-expert keys of one leaf: ``fold_in(fold_in(root_key, leaf_hash), t)``."""
-    leaf_key = jax.random.fold_in(root_key, leaf_hash)
-    return jax.vmap(lambda t: jax.random.fold_in(leaf_key, t))(jnp.arange(num_experts))
+    """Per-expert keys of one leaf: ``fold_in(fold_in(root_key, leaf_hash), t)``, with
+    :func:`jaxmerge.hashing.fold_in`."""
+    leaf_key = hashing.fold_in(root_key, leaf_hash)
+    return jax.vmap(lambda t: hashing.fold_in(leaf_key, t))(jnp.arange(num_experts))
 
 
 _derive_keys_jit = jax.jit(derive_keys, static_argnums=2)

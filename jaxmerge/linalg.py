@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from jaxmerge.hashing import mix32
+
 Array = jax.Array
 
 COS_EPS = 1e-8
@@ -397,15 +399,6 @@ def _randomized_topk_single(a, key, k, oversample, tolerance, max_iterations) ->
     return TopK(u, s, vt, final.give_up, final.iteration)
 
 
-def _mix32(x: Array) -> Array:
-    """A 32-bit integer finaliser with full avalanche (the 'lowbias32' constants)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def rademacher(key: Array, shape: tuple[int, int]) -> Array:
     """A ±1 test matrix, entry (i, j) from a counter hash of (key, i, j).
 
@@ -415,7 +408,7 @@ def rademacher(key: Array, shape: tuple[int, int]) -> Array:
     """
     words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
     index = jnp.arange(shape[0] * shape[1], dtype=jnp.uint32).reshape(shape)
-    bits = _mix32(_mix32(index ^ words[0]) ^ words[-1])
+    bits = mix32(mix32(index ^ words[0]) ^ words[-1])
     return jnp.where(bits >> 31 == 1, 1.0, -1.0).astype(jnp.float32)
 
 

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmerge import hashing
 from jaxmerge.algebra import LeafContext, Merge, requires_experts, rowwise, stats_pass
 from jaxmerge.errors import ConfigError
+from jaxmerge.hashing import mix32
 
 _BINS = 1 << 16
 
@@ -338,19 +340,10 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
     return rowwise(apply, passes=(majority_pass,))
 
 
-def _mix32(x):
-    """A 32-bit integer finaliser with full avalanche (the 'lowbias32' constants)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def uniform_bits(key, shape, row_offset=0):
     """24-bit uniform integers ``uint32[*shape]``, a pure function of (key, row, column).
 
-    The key (per leaf, expert and piece, from ``jax.random.fold_in``) seeds a
+    The key (per leaf, expert and piece, from :func:`jaxmerge.hashing.fold_in`) seeds a
     counter-based hash of each entry's global position: row r (index of dim 0,
     counted from ``row_offset``) and flat column c within the row. So a row's
     bits are the same whether the leaf is merged whole or in row blocks, on one
@@ -359,12 +352,12 @@ def uniform_bits(key, shape, row_offset=0):
     """
     words = jax.random.key_data(key).astype(jnp.uint32)
     if not shape:
-        return _mix32(words[0] ^ _mix32(words[1])) >> 8
+        return mix32(words[0] ^ mix32(words[1])) >> 8
     rows = jnp.uint32(row_offset) + jnp.arange(shape[0], dtype=jnp.uint32)
-    row_hash = _mix32(rows * jnp.uint32(0x9E3779B9) ^ words[0])
+    row_hash = mix32(rows * jnp.uint32(0x9E3779B9) ^ words[0])
     columns = jnp.arange(math.prod(shape[1:]), dtype=jnp.uint32).reshape(shape[1:])
     row_hash = row_hash.reshape((-1,) + (1,) * (len(shape) - 1))
-    return _mix32((columns * jnp.uint32(0x85EBCA6B)) ^ row_hash ^ words[1]) >> 8
+    return mix32((columns * jnp.uint32(0x85EBCA6B)) ^ row_hash ^ words[1]) >> 8
 
 
 def keep_masks(keys, probabilities, label: str, row_offset=0):
@@ -377,7 +370,7 @@ def keep_masks(keys, probabilities, label: str, row_offset=0):
     salt = _salt(label)
 
     def one_expert(key, p):
-        bits = uniform_bits(jax.random.fold_in(key, salt), p.shape, row_offset)
+        bits = uniform_bits(hashing.fold_in(key, salt), p.shape, row_offset)
         return bits.astype(jnp.float32) < p * jnp.float32(1 << 24)
 
     return jax.vmap(one_expert)(keys, probabilities)

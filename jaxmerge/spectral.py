@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmerge import linalg
+from jaxmerge import hashing, linalg
 from jaxmerge.algebra import LeafContext, Merge
 from jaxmerge.errors import ConfigError
 from jaxmerge.ops import _salt, expert_sum
@@ -78,7 +78,7 @@ def _clamp01(x: Array) -> Array:
 
 def _expert_keys(ctx: LeafContext, label: str) -> Array:
     salt = _salt(label)
-    return jax.vmap(lambda key: jax.random.fold_in(key, salt))(ctx.keys)
+    return jax.vmap(lambda key: hashing.fold_in(key, salt))(ctx.keys)
 
 
 def _require_matrix(x, piece: str) -> None:
