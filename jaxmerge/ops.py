@@ -24,7 +24,6 @@ import numpy as np
 from jaxmerge import hashing
 from jaxmerge.algebra import LeafContext, Merge, requires_experts, rowwise, stats_pass
 from jaxmerge.errors import ConfigError
-from jaxmerge.hashing import mix32
 
 _BINS = 1 << 16
 
@@ -352,12 +351,12 @@ def uniform_bits(key, shape, row_offset=0):
     """
     words = jax.random.key_data(key).astype(jnp.uint32)
     if not shape:
-        return mix32(words[0] ^ mix32(words[1])) >> 8
+        return hashing.mix32(words[0] ^ hashing.mix32(words[1])) >> 8
     rows = jnp.uint32(row_offset) + jnp.arange(shape[0], dtype=jnp.uint32)
-    row_hash = mix32(rows * jnp.uint32(0x9E3779B9) ^ words[0])
+    row_hash = hashing.mix32(rows * jnp.uint32(0x9E3779B9) ^ words[0])
     columns = jnp.arange(math.prod(shape[1:]), dtype=jnp.uint32).reshape(shape[1:])
     row_hash = row_hash.reshape((-1,) + (1,) * (len(shape) - 1))
-    return mix32((columns * jnp.uint32(0x85EBCA6B)) ^ row_hash ^ words[1]) >> 8
+    return hashing.mix32((columns * jnp.uint32(0x85EBCA6B)) ^ row_hash ^ words[1]) >> 8
 
 
 def keep_masks(keys, probabilities, label: str, row_offset=0):
