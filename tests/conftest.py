@@ -28,6 +28,17 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random bf16 Llama base and 3 sparse experts derived from it (read-only)."""
+    from tests.checkpoints import make_tiny_expert, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_llama(root / "base", seed=0, dtype="bfloat16")
+    experts = [make_tiny_expert(base, root / f"expert-{i}", seed=i + 1) for i in range(3)]
+    return base, experts
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The real SmolLM2-135M-Instruct (bf16) + 3 RL-like experts, built once per session."""
     from jaxmerge import demo

@@ -18,7 +18,7 @@ from jaxmerge import analysis
 from jaxmerge.analysis import statistics
 from jaxmerge.analysis.tables import REGIONS, noise_top1_share
 from tests import numpy_reference as ref
-from tests.checkpoints import load_state, make_tiny_expert, make_tiny_llama
+from tests.checkpoints import load_state
 from tests.subprocesses import run_module
 
 
@@ -196,21 +196,13 @@ def test_noise_reference_share_matches_gaussian_matrices():
 # Streaming over checkpoints, tables, verdict, CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_group(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analysis")
-    base = make_tiny_llama(root / "base", seed=0, dtype="bfloat16")
-    experts = [make_tiny_expert(base, root / f"expert-{i}", seed=i + 1) for i in range(3)]
-    return base, experts
-
-
 def layer_arrays(state, layer):
     names = sorted(n for n in state if f"layers.{layer}." in n)
     return np.concatenate([state[n].astype(np.float64).ravel() for n in names])
 
 
-def test_measured_checkpoints_match_numpy(tiny_group):
-    base, experts = tiny_group
+def test_measured_checkpoints_match_numpy(tiny):
+    base, experts = tiny
     measured = analysis.measure_checkpoints(base, experts, svd="exact")
     tables = analysis.build_tables(measured)
     b = load_state(base)
@@ -248,8 +240,8 @@ def test_measured_checkpoints_match_numpy(tiny_group):
     assert all((r["spectral"] is not None) == ("proj" in r["name"]) for r in tables["tensors"])
 
 
-def test_row_blocks_and_chunking_do_not_change_the_numbers(tiny_group):
-    base, experts = tiny_group
+def test_row_blocks_and_chunking_do_not_change_the_numbers(tiny):
+    base, experts = tiny
     whole = analysis.measure_checkpoints(base, experts, spectral=False)
     blocks = analysis.measure_checkpoints(base, experts, spectral=False, chunk_bytes=1)
     for a, b in zip(whole.tensors, blocks.tensors):
@@ -295,8 +287,8 @@ def run_analyze(*args):
     return run_module("jaxmerge.analyze", *args)
 
 
-def test_cli_writes_a_complete_report(tiny_group, tmp_path):
-    base, experts = tiny_group
+def test_cli_writes_a_complete_report(tiny, tmp_path):
+    base, experts = tiny
     out = tmp_path / "report"
     result = run_analyze(f"--base={base}", "--experts=" + ",".join(map(str, experts[:2])),
                          f"--output={out}")
@@ -320,8 +312,8 @@ def test_cli_writes_a_complete_report(tiny_group, tmp_path):
     assert not list(tmp_path.glob(".report*")), "staging directory left behind"
 
 
-def test_cli_errors_name_the_problem(tiny_group, tmp_path):
-    base, experts = tiny_group
+def test_cli_errors_name_the_problem(tiny, tmp_path):
+    base, experts = tiny
     result = run_analyze(f"--base={base}", f"--output={tmp_path / 'x'}")
     assert result.returncode == 2 and "--experts" in result.stderr
     (tmp_path / "exists").mkdir()

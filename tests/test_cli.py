@@ -58,14 +58,6 @@ def run_cli(*args) -> int:
         return cli_main.main(["jaxmerge"])
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    base = make_tiny_llama(root / "base", seed=0, dtype="bfloat16")
-    experts = [make_tiny_expert(base, root / f"expert-{i}", seed=i + 1) for i in range(3)]
-    return base, experts
-
-
 def experts_flag(experts):
     return "--experts=" + ",".join(str(e) for e in experts)
 

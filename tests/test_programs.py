@@ -10,15 +10,6 @@ from jaxmerge import executor, programs
 from jaxmerge.api import merge_checkpoints
 from jaxmerge.io import Checkpoint
 from jaxmerge.programs import ProgramCache
-from tests.checkpoints import make_tiny_expert, make_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("programs")
-    base = make_tiny_llama(root / "base", seed=0, dtype="bfloat16")
-    experts = [make_tiny_expert(base, root / f"expert-{i}", seed=i + 1) for i in range(3)]
-    return base, experts
 
 
 def merged_bytes(directory) -> dict[str, bytes]:
