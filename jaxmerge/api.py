@@ -82,6 +82,7 @@ def merge_checkpoints(
     command: str | None = None,
     mesh_shape: str | Sequence[int] | None = None,
     programs: ProgramCache | None = None,
+    compute_threads: int | None = None,
 ) -> MergeResult:
     """Merges Hugging Face checkpoint directories into a new one, streaming.
 
@@ -114,6 +115,8 @@ def merge_checkpoints(
       programs: a :class:`jaxmerge.programs.ProgramCache` whose identity names
         ``merge`` completely (method and every hyperparameter): later runs with the
         same identity load the traced programs instead of tracing them again.
+      compute_threads: chunk calls run at once (default: 2 on a multi-core CPU, else
+        1; see :mod:`jaxmerge.cpu_threads`). The output does not depend on it.
     """
     if output_format not in ("safetensors", "orbax"):
         raise ConfigError(f"format must be 'safetensors' or 'orbax', got {output_format!r}")
@@ -139,7 +142,7 @@ def merge_checkpoints(
         logger.warning(warning)
     executor = Executor(merge, plan, base_source, expert_sources, extra_sources,
                         key=jax.random.key(seed), chunk_bytes=chunk_bytes, progress=progress,
-                        mesh=mesh, programs=programs)
+                        mesh=mesh, programs=programs, compute_threads=compute_threads)
     record = {
         "jaxmerge_version": __version__,
         "method": method_name,
@@ -273,6 +276,7 @@ def merge(
     dtype: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     mesh_shape: str | Sequence[int] | None = None,
+    compute_threads: int | None = None,
 ):
     """Merges in-memory pytrees (e.g. Flax params) with the same executor as the CLI.
 
@@ -288,6 +292,8 @@ def merge(
       mesh_shape: the mesh of this process's devices; default all of them (the result
         does not depend on it). In-memory pytrees are merged by each process on its own
         devices, even after ``jax.distributed.initialize``.
+      compute_threads: chunk calls run at once (default: 2 on a multi-core CPU, else
+        1); the result does not depend on it.
 
     Returns:
       The merged pytree, with the structure of ``base_params``.
@@ -306,7 +312,7 @@ def merge(
     for warning in plan.warnings:
         logger.warning(warning)
     executor = Executor(method, plan, base_source, sources, extra_sources, key=as_key(key),
-                        chunk_bytes=chunk_bytes,
+                        chunk_bytes=chunk_bytes, compute_threads=compute_threads,
                         mesh=distributed.make_mesh(mesh_shape, jax.local_devices()))
     arrays = _collect(executor, plan)
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[name]) for name in base_flat])

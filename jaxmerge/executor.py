@@ -5,8 +5,9 @@ For each group of same-shape leaves the executor stacks a chunk of leaves,
 size L comes from the memory budget and is fixed per group (the last chunk is
 padded), so every group compiles once. A reader thread fetches the next chunk
 while the current one computes, and a writer thread writes results straight to
-their place in the output files, so the peak memory is about two chunks of
-inputs plus one of outputs, never a whole model.
+their place in the output files, so the peak memory is a few chunks of inputs plus
+one of outputs, never a whole model. On a multi-core CPU two chunk calls compute at
+once, each on its own thread, with single-threaded LAPACK (:mod:`jaxmerge.cpu_threads`).
 
 Whole-model statistics (``Merge.passes``) run first, one streaming pass each,
 summing per-leaf partials on the host in 64-bit.
@@ -25,10 +26,12 @@ chunk size, so the same inputs, flags and seed give bit-identical outputs.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -39,7 +42,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmerge import distributed, hashing
+from jaxmerge import cpu_threads, distributed, hashing
 from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
@@ -312,12 +315,17 @@ class Executor:
         what its own devices hold.
       programs: a :class:`jaxmerge.programs.ProgramCache` naming this merge: one-device
         programs are loaded from it, or traced and stored there for later runs.
+      compute_threads: chunk calls run at once, each from its own thread, each holding
+        one more chunk of inputs (None: :func:`jaxmerge.cpu_threads.default_compute_threads`,
+        2 on a multi-core CPU, else 1; a mesh always runs one). On the CPU the BLAS
+        library behind LAPACK gets ``cores // compute_threads`` threads meanwhile.
+        Results do not depend on it.
     """
 
     def __init__(self, merge: Merge, plan: Plan, base: Source, experts: Sequence[Source],
                  extras: Mapping[str, Sequence[Source]] | None = None, *, key=None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = False, mesh=None,
-                 programs: ProgramCache | None = None):
+                 programs: ProgramCache | None = None, compute_threads: int | None = None):
         self.merge = merge
         self.programs = programs
         self.plan = plan
@@ -333,10 +341,17 @@ class Executor:
         self.progress = progress
         self.report = RunReport()
         self._compiled: dict = {}
+        self._compiled_lock = threading.Lock()
         self.mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
         self._devices = 1 if self.mesh is None else int(self.mesh.devices.size)
         self._process, self._processes = distributed.process_rank(self.mesh)
         self.report.devices = self._devices
+        if compute_threads is not None and int(compute_threads) < 1:
+            raise JaxmergeError(f"compute threads must be >= 1, got {compute_threads}")
+        self.compute_threads = (
+            1 if self.mesh is not None
+            else cpu_threads.default_compute_threads(jax.default_backend())
+            if compute_threads is None else int(compute_threads))
         merge.check(len(self.experts))
 
     # -- planning chunks ---------------------------------------------------
@@ -571,11 +586,12 @@ class Executor:
         cached = self.programs is not None and chunk.strategy is None
         if cached:
             key += (chunk.size,)  # an exported program has fixed argument shapes
-        if key not in self._compiled:
-            self._compiled[key] = (self.programs.program(lambda: factory(info), repr(key))
-                                   if cached else factory(info))
-            self.report.compiled_calls += 1
-        return self._compiled[key]
+        with self._compiled_lock:  # (compute threads may ask for a shape at once)
+            if key not in self._compiled:
+                self._compiled[key] = (self.programs.program(lambda: factory(info), repr(key))
+                                       if cached else factory(info))
+                self.report.compiled_calls += 1
+            return self._compiled[key]
 
     @contextlib.contextmanager
     def _compiling_ahead(self, call_of):
@@ -651,7 +667,8 @@ class Executor:
         totals: dict = {}
         with self._compiling_ahead(call_of) as ahead:
             ahead.submit(chunks)
-            for chunk, launched in _one_ahead(self._stream(chunks, label), ahead.launch):
+            for chunk, launched in _launched(self._stream(chunks, label), ahead.launch,
+                                             self.compute_threads):
                 partial = jax.tree.map(lambda p: _widen(distributed.local_value(p)), launched)
                 if stats_pass.per_leaf:
                     for i, leaf in enumerate(chunk.slots):
@@ -675,6 +692,13 @@ class Executor:
         return _compile_apply_global(self.merge, info, out_dtype, self.mesh, chunk.strategy,
                                      jax.random.key_impl(self.key))
 
+    def _blas_limit(self):
+        """On the CPU, the BLAS library behind LAPACK shares the cores out among the
+        concurrent calls (:mod:`jaxmerge.cpu_threads`) while this executor runs."""
+        if jax.default_backend() != "cpu":
+            return contextlib.nullcontext()
+        return cpu_threads.blas_threads(cpu_threads.blas_threads_per_call(self.compute_threads))
+
     def _count_chunk(self, chunk: _Chunk) -> None:
         self.report.chunks += 1
         if chunk.strategy == LEAVES:
@@ -694,7 +718,8 @@ class Executor:
         if not stats_pass.per_leaf:
             raise JaxmergeError("measure() needs a per-leaf statistics pass")
         chunks = self._chunks(stats_pass.applies)
-        totals = self._pass_totals(stats_pass, chunks, label or stats_pass.description, {})
+        with self._blas_limit():
+            totals = self._pass_totals(stats_pass, chunks, label or stats_pass.description, {})
         return {name: stats_pass.finalize(total, {}) for name, total in totals.items()}
 
     @staticmethod
@@ -740,7 +765,8 @@ class Executor:
             if leaf.alias_of is not None:
                 aliases.setdefault(leaf.alias_of, []).append(leaf.name)
 
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmerge-write") as pool:
+        with self._blas_limit(), concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="jaxmerge-write") as pool:
             def call_of(chunk, arrays):
                 out_dtype = chunk.leaves[0].out_dtype
                 fn = self._compiled_fn("apply", chunk,
@@ -754,8 +780,8 @@ class Executor:
                 ahead.submit(self._free_of_stats(chunks))  # compiled while the passes run
                 stats.update(self.compute_stats())
                 ahead.submit(chunks)
-                for chunk, (merged, finite) in _one_ahead(self._stream(chunks, "merge"),
-                                                          ahead.launch):
+                for chunk, (merged, finite) in _launched(self._stream(chunks, "merge"),
+                                                         ahead.launch, self.compute_threads):
                     computed = time.perf_counter()
                     self._check_finite(chunk, distributed.local_value(finite))
                     pieces = self._local_pieces(chunk, merged)
@@ -899,22 +925,46 @@ def _compile_quietly(fn, structs) -> None:
         pass
 
 
-def _one_ahead(stream, launch):
-    """Yields ``(chunk, launch(chunk, arrays))`` for ``stream``'s chunks, one chunk late.
+def _launched(stream, launch, threads: int = 1):
+    """Yields ``(chunk, launch(chunk, arrays))`` for ``stream``'s chunks, in order.
 
-    ``launch`` dispatches the chunk's call (asynchronously; a mesh chunk's call is
-    traced and compiled there when its shape is new, a one-device chunk's was compiled
-    ahead); chunk k + 1 is launched before chunk k's results are awaited, so the device
-    always has the next call queued. Costs one more chunk of inputs in memory.
+    One thread: chunk k + 1 is launched before chunk k's results are awaited, so the
+    device always has the next call queued (``launch`` dispatches asynchronously; a
+    mesh chunk's call is traced and compiled there when its shape is new, a
+    one-device chunk's was compiled ahead). Costs one more chunk of inputs in memory.
+
+    More threads (CPU, one device): each call runs to completion on one of
+    ``threads`` worker threads, so that many chunks compute at once (XLA:CPU runs one
+    call at a time per calling thread, and LAPACK calls use one core each); up to
+    ``threads + 1`` chunks are in flight, and results still come out in stream order.
     """
-    previous = None
-    for chunk, arrays in stream:
-        launched = (chunk, launch(chunk, arrays))
+    if threads <= 1:
+        previous = None
+        for chunk, arrays in stream:
+            launched = (chunk, launch(chunk, arrays))
+            if previous is not None:
+                yield previous
+            previous = launched
         if previous is not None:
             yield previous
-        previous = launched
-    if previous is not None:
-        yield previous
+        return
+
+    def run_to_completion(chunk, arrays):
+        return jax.block_until_ready(launch(chunk, arrays))
+
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxmerge-compute")
+    try:
+        running: collections.deque = collections.deque()
+        for chunk, arrays in stream:
+            running.append((chunk, pool.submit(run_to_completion, chunk, arrays)))
+            if len(running) > threads:
+                chunk, future = running.popleft()
+                yield chunk, future.result()
+        while running:
+            chunk, future = running.popleft()
+            yield chunk, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _leaf_rows(leaf: LeafPlan, rows: tuple[int, int] | None) -> tuple[int, int] | None:

@@ -80,6 +80,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output d
 _CHUNK_MEMORY = flags.DEFINE_string(
     "chunk_memory", "64MiB",
     "Memory budget of one batched chunk of same-shape tensors (inputs + float32 work).")
+_COMPUTE_THREADS = flags.DEFINE_integer(
+    "compute_threads", None,
+    "Chunks merged at once, each on its own thread and holding one more chunk of inputs "
+    "in memory; LAPACK (SVD, QR, eigh) then gets cores / compute_threads threads each. "
+    "Default: 2 on a multi-core CPU, 1 on accelerators and device meshes. The result "
+    "does not depend on it.", lower_bound=1)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxmerge/xla",
@@ -402,6 +408,7 @@ def run(argv) -> int:
             command="python -m jaxmerge.main " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             mesh_shape=_MESH_SHAPE.value,
             programs=programs,
+            compute_threads=_COMPUTE_THREADS.value,
         )
     report = result.report
     print(f"merged {len(experts)} experts with {name} into {result.output} "

@@ -116,3 +116,37 @@ def test_no_method_compiles_a_batched_cpu_lapack_call(tmp_path):
     assert calls, "expected LAPACK calls in the spectral methods' programs"
     batched = [call for call in calls if call[2].count(",") != 1]
     assert not batched, f"batched CPU LAPACK calls can deadlock the pool: {batched[:5]}"
+
+
+_CONCURRENT_STRESS = textwrap.dedent("""
+    import os, faulthandler
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # XLA:CPU pool of 2 threads
+    import numpy as np
+    import jaxmerge
+    from jaxmerge import methods
+    faulthandler.dump_traceback_later({limit}, exit=True)  # a deadlock: exit 1 with stacks
+    rng = np.random.default_rng(0)
+    def params():  # 2 shape groups of 8 matrices: 1 leaf per chunk under the budget below
+        return {{"layers": [{{"w": rng.standard_normal((192, 64), np.float32),
+                              "v": rng.standard_normal((64, 192), np.float32)}}
+                             for _ in range(8)]}}
+    base, experts = params(), [params() for _ in range(3)]
+    for name in {methods}:
+        merge = methods.build(name, {{}})
+        for _ in range({iterations}):
+            jaxmerge.merge(merge, base, experts, key=0, chunk_bytes=200_000, compute_threads=2)
+    print("done")
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no pool to deadlock")
+def test_concurrent_chunk_calls_do_not_deadlock():
+    """Two chunk calls at once on a 2-thread pool (the CPU default), LAPACK-bound (TSV,
+    ISO-CTS) and matmul-bound (ResMerge): 6 merges of 16 chunks each finish. 300 such
+    merges on a 2-core machine, in three runs, all finished."""
+    script = _CONCURRENT_STRESS.format(limit=90, iterations=2,
+                                       methods=("tsv", "iso_cts", "resmerge"))
+    env = {**subprocess_env(), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=150, env=env)
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr[-3000:]
