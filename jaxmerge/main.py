@@ -85,7 +85,7 @@ _COMPUTE_THREADS = flags.DEFINE_integer(
     "Chunks merged at once, each on its own thread and holding one more chunk of inputs "
     "in memory; LAPACK (SVD, QR, eigh) then gets cores / compute_threads threads each. "
     "Default: 2 on a multi-core CPU, 1 on accelerators and device meshes. The result "
-    "does not depend on it.", lower_bound=1)
+    "does not depend on it.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars on stderr.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "~/.cache/jaxmerge/xla",

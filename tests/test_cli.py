@@ -352,6 +352,7 @@ def test_non_finite_input(tiny, tmp_path, capsys):
     (["--method=linear", "--weights=1,2"], ["2 weights", "3 experts"]),
     (["--method=ties", "--weights=1,2,3"], ["--weights"]),
     (["--method=ties", "--max_shard_size=lots"], ["max_shard_size"]),
+    (["--method=tsv", "--compute_threads=0"], ["compute threads", "got 0"]),
 ])
 def test_bad_hyperparameters(tiny, tmp_path, capsys, args, contains):
     base, experts = tiny
