@@ -37,13 +37,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_compute_threads(backend: str, devices: int = 1) -> int:
-    """Chunk calls to run at once: up to 2 on a one-device CPU run, else 1.
-
-    Accelerators queue a device's calls anyway, and a mesh's calls must be issued in
-    the same order on every process (collectives), so both get one.
-    """
-    if backend != "cpu" or devices > 1:
+def default_compute_threads(backend: str) -> int:
+    """Chunk calls to run at once on one device: up to 2 on the CPU, else 1
+    (an accelerator queues its calls anyway). A mesh always runs one: its calls must
+    be issued in the same order on every process (collectives)."""
+    if backend != "cpu":
         return 1
     return min(MAX_DEFAULT_COMPUTE_THREADS, available_cores())
 

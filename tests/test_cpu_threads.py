@@ -37,7 +37,6 @@ def test_default_compute_threads():
     assert cpu_threads.default_compute_threads("cpu") == min(2, cores)
     assert cpu_threads.default_compute_threads("gpu") == 1
     assert cpu_threads.default_compute_threads("tpu") == 1
-    assert cpu_threads.default_compute_threads("cpu", devices=4) == 1
 
 
 def test_blas_threads_share_the_cores():
