@@ -266,11 +266,19 @@ class _Chunk:
     """The leaves of one compiled call, by position (slot) along the stacked chunk axis.
 
     ``slots`` has the chunk's fixed size; None marks padding. ``strategy``: None on one
-    device, LEAVES or ROWS over a mesh.
+    device, LEAVES or ROWS over a mesh. ``flat``: the leaves (of one size, any shapes)
+    are merged flattened to one dimension (see :attr:`Merge.flat`).
     """
 
     slots: list[LeafPlan | None]
     strategy: str | None = None
+    flat: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of each leaf as the compiled call sees it."""
+        shape = self.leaves[0].info.shape
+        return (math.prod(shape),) if self.flat else shape
 
     @property
     def size(self) -> int:
@@ -342,6 +350,7 @@ class Executor:
         self.report = RunReport()
         self._compiled: dict = {}
         self._compiled_lock = threading.Lock()
+        self._lapack_limit: cpu_threads.LapackThreadLimit | None = None
         self.mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
         self._devices = 1 if self.mesh is None else int(self.mesh.devices.size)
         self._process, self._processes = distributed.process_rank(self.mesh)
@@ -366,33 +375,46 @@ class Executor:
         itemsize = self._dtype_of(leaf, self.base).itemsize
         return self._input_entries(leaf) * (itemsize + 4 * _WORK_FACTOR)
 
-    def _chunks(self, applies=None, only_blocks=False) -> list[_Chunk]:
+    def _chunks(self, applies=None, only_blocks=False, flatten=True) -> list[_Chunk]:
         """Chunks of same-shape leaves within the budget; oversized leaves of
         row-wise merges become row blocks first. ``applies``: only the leaves (or blocks)
-        a statistics pass covers; ``only_blocks``: just the blocks.
+        a statistics pass covers; ``only_blocks``: just the blocks; ``flatten``: group
+        the leaves a flat merge takes flattened by size (:meth:`_flattens`).
 
         Leaves are split into blocks before ``applies`` filters them, so that a pass
         sees exactly the blocks the merge will see."""
         chunks = []
-        for leaves in self._routed_groups():
+        for leaves, flat in self._routed_groups(flatten):
             for group in self._split_oversized(leaves):
                 if applies is not None:
                     group = [leaf for leaf in group if applies(leaf.info)]
                 if not group or (only_blocks and group[0].block is None):
                     continue
-                chunks.extend(self._group_chunks(group))
+                chunks.extend(dataclasses.replace(chunk, flat=flat)
+                              for chunk in self._group_chunks(group))
         return chunks
 
-    def _routed_groups(self) -> list[list[LeafPlan]]:
-        """The plan's shape groups, split further by the merge's static routing choice:
-        a compiled call applies one choice to every leaf of its chunk."""
-        groups = []
-        for leaves in self.plan.groups.values():
-            by_choice: dict = {}
+    def _routed_groups(self, flatten: bool) -> list[tuple[list[LeafPlan], bool]]:
+        """(leaves, flat) groups: the plan's shape groups split further by the merge's
+        static routing choice (a compiled call applies one choice to every leaf of its
+        chunk); with ``flatten``, the leaves the merge takes flattened grouped by size
+        instead of shape, whatever their shape or module family."""
+        groups: dict = {}
+        for shape_key, leaves in self.plan.groups.items():
             for leaf in leaves:
-                by_choice.setdefault(self.merge.choose(leaf.info), []).append(leaf)
-            groups.extend(by_choice.values())
-        return groups
+                choice = self.merge.choose(leaf.info)
+                flat = flatten and self._flattens(leaf)
+                key = ((math.prod(leaf.info.shape), leaf.info.dtype, choice) if flat
+                       else (shape_key, choice))
+                groups.setdefault((flat, key), []).append(leaf)
+        return [(leaves, flat) for (flat, _), leaves in groups.items()]
+
+    def _flattens(self, leaf: LeafPlan) -> bool:
+        """Whether ``leaf`` is merged flattened: one device, a merge that declares it
+        :attr:`~jaxmerge.algebra.Merge.flat` there, and a leaf within the budget (a
+        larger one is cut into row blocks, which keep their shape)."""
+        return (self.mesh is None and self.merge.flat(leaf.info)
+                and self._leaf_bytes(leaf) <= self.chunk_bytes)
 
     def _group_chunks(self, group: list[LeafPlan]) -> list[_Chunk]:
         """Equal-size chunks of one group's leaves (the last one padded).
@@ -455,7 +477,7 @@ class Executor:
     def _input_structs(self, chunk: _Chunk):
         """Shapes and dtypes of a one-device chunk's (base, experts, extras) arrays."""
         first = chunk.leaves[0]
-        shape = first.info.shape
+        shape = chunk.shape
         n = len(self.experts)
         base_dtype = self._dtype_of(first, self.base)
         base = jax.ShapeDtypeStruct((chunk.size, *shape), base_dtype)
@@ -474,13 +496,13 @@ class Executor:
         for i, leaf in enumerate(chunk.slots):
             if leaf is None:
                 continue
-            rows = leaf.read_rows
-            self.base.read(leaf.name, base[i], rows)
+            rows, shape = leaf.read_rows, leaf.info.shape  # (a flat chunk: views reshaped)
+            self.base.read(leaf.name, base[i].reshape(shape), rows)
             for t, expert in enumerate(self.experts):
-                expert.read(leaf.name, experts[i, t], rows)
+                expert.read(leaf.name, experts[i, t].reshape(shape), rows)
             for name, sources in self.extras.items():
                 for t, source in enumerate(sources):
-                    source.read(leaf.name, extras[name][i, t], rows)
+                    source.read(leaf.name, extras[name][i, t].reshape(shape), rows)
         hashes, offsets = chunk.ids()
         nbytes = base.nbytes + experts.nbytes + sum(v.nbytes for v in extras.values())
         nbytes = nbytes * len(chunk.leaves) // chunk.size
@@ -574,7 +596,8 @@ class Executor:
     def _program_key(self, chunk: _Chunk) -> tuple:
         """What a chunk's compiled call depends on, besides its kind (apply or a pass)."""
         info = chunk.leaves[0].info
-        key = (info.group_key(), self.merge.choose(info), chunk.leaves[0].out_dtype.str,
+        group = ("flat", chunk.shape, info.dtype) if chunk.flat else info.group_key()
+        key = (group, self.merge.choose(info), chunk.leaves[0].out_dtype.str,
                chunk.leaves[0].out_dtype.name)
         if chunk.strategy is not None:
             key += (chunk.strategy,)
@@ -692,12 +715,26 @@ class Executor:
         return _compile_apply_global(self.merge, info, out_dtype, self.mesh, chunk.strategy,
                                      jax.random.key_impl(self.key))
 
+    @contextlib.contextmanager
     def _blas_limit(self):
-        """On the CPU, the BLAS library behind LAPACK shares the cores out among the
-        concurrent calls (:mod:`jaxmerge.cpu_threads`) while this executor runs."""
-        if jax.default_backend() != "cpu":
-            return contextlib.nullcontext()
-        return cpu_threads.blas_threads(cpu_threads.blas_threads_per_call(self.compute_threads))
+        """On the CPU with several compute threads, the BLAS library behind LAPACK shares
+        the cores out among the concurrent calls while this executor runs (from its first
+        LAPACK call: :class:`jaxmerge.cpu_threads.LapackThreadLimit`)."""
+        if jax.default_backend() != "cpu" or self.compute_threads == 1:
+            yield
+            return
+        threads = cpu_threads.blas_threads_per_call(self.compute_threads)
+        with cpu_threads.LapackThreadLimit(threads) as limit:
+            self._lapack_limit = limit
+            try:
+                yield
+            finally:
+                self._lapack_limit = None
+
+    def _before_call(self) -> None:
+        """Runs before every compiled call, once its program is compiled."""
+        if self._lapack_limit is not None:
+            self._lapack_limit.apply()
 
     def _count_chunk(self, chunk: _Chunk) -> None:
         self.report.chunks += 1
@@ -717,7 +754,7 @@ class Executor:
         """
         if not stats_pass.per_leaf:
             raise JaxmergeError("measure() needs a per-leaf statistics pass")
-        chunks = self._chunks(stats_pass.applies)
+        chunks = self._chunks(stats_pass.applies, flatten=False)  # (a diagnostic may not be flat)
         with self._blas_limit():
             totals = self._pass_totals(stats_pass, chunks, label or stats_pass.description, {})
         return {name: stats_pass.finalize(total, {}) for name, total in totals.items()}
@@ -814,8 +851,8 @@ class Executor:
         """
         if chunk.strategy is None:
             merged = np.asarray(merged)
-            return [(leaf, merged[i], leaf.read_rows) for i, leaf in enumerate(chunk.slots)
-                    if leaf is not None]
+            return [(leaf, merged[i].reshape(leaf.info.shape), leaf.read_rows)
+                    for i, leaf in enumerate(chunk.slots) if leaf is not None]
         pieces = []
         for shard in merged.addressable_shards:
             if shard.replica_id != 0:
@@ -908,11 +945,16 @@ class _Ahead:
                                                           abstract_arguments(args))
 
     def launch(self, chunk: _Chunk, arrays):
-        """Runs the chunk's call, once a compilation of it already under way is done."""
+        """Runs the chunk's call, once a compilation of it already under way is done
+        (one not started yet is cancelled and done here, before the call)."""
         fn, args = self._call_of(chunk, arrays)
         future = self._futures.pop(id(fn), None)
-        if future is not None and not future.cancel():
-            future.result()
+        if future is not None:
+            if future.cancel():
+                _compile_quietly(fn, abstract_arguments(args))
+            else:
+                future.result()
+        self._executor._before_call()
         return fn(*args)
 
 

@@ -244,7 +244,7 @@ def weight_experts(weights) -> Merge:
     def apply(x, ctx):
         return x * _expand(jnp.asarray(weights_array), x)
 
-    return rowwise(apply, check=check)
+    return rowwise(apply, check=check, flat=True)
 
 
 def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
@@ -305,7 +305,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
             thresholds = _per_expert(lambda v: kth_smallest_abs(v, rank), x)
         return jnp.where(jnp.abs(x) >= _expand(thresholds, x), x, 0.0)
 
-    return rowwise(apply, passes=(high_pass, low_pass))
+    return rowwise(apply, passes=(high_pass, low_pass), flat=True)
 
 
 def elect_sign(scope: str = "per_tensor") -> Merge:
@@ -336,7 +336,7 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
         g = jnp.where(g == 0, majority, g)
         return jnp.where(jnp.sign(x) == g, x, 0.0)
 
-    return rowwise(apply, passes=(majority_pass,))
+    return rowwise(apply, passes=(majority_pass,), flat=True)
 
 
 def uniform_bits(key, shape, row_offset=0):
@@ -427,7 +427,7 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
             keep &= ~_per_expert(lambda v: rank_at_least(v, size - top), x)
         return jnp.where(keep, x, 0.0)
 
-    return Merge(apply)
+    return Merge(apply, flat=lambda info: True)
 
 
 def della_keep_probabilities(x, density: float, epsilon: float):
@@ -474,7 +474,8 @@ def active(epsilon: float = 1e-5) -> Merge:
     """RAM activity mask: entries with |τ| ≤ ε (strict >) become exactly 0 (METHODS.md §5)."""
     if not epsilon >= 0:
         raise ConfigError(f"epsilon must be >= 0, got {epsilon}")
-    return rowwise(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0))
+    return rowwise(lambda x, ctx: jnp.where(jnp.abs(x) > jnp.float32(epsilon), x, 0.0),
+                   flat=True)
 
 
 def ram_plus_lambdas(shared, unique, rate, alpha, xp=jnp):
@@ -530,7 +531,7 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
             return boosted(x, jnp.asarray(ctx.stats[counts_pass.id]))
         return boosted(x, ram_plus_lambdas(*_shared_unique_counts(x), rate, alpha))
 
-    return rowwise(apply, passes=(counts_pass,))
+    return rowwise(apply, passes=(counts_pass,), flat=True)
 
 
 # ---------------------------------------------------------------------------
@@ -539,12 +540,12 @@ def boost_unique(rate: float = 0.1, alpha: float = 2.0, scope: str = "global") -
 
 def mean() -> Merge:
     """Δ = (1/N) Σ_t x_t."""
-    return rowwise(lambda x, ctx: expert_sum(x) / jnp.float32(x.shape[0]))
+    return rowwise(lambda x, ctx: expert_sum(x) / jnp.float32(x.shape[0]), flat=True)
 
 
 def sum_experts() -> Merge:
     """Δ = Σ_t x_t."""
-    return rowwise(lambda x, ctx: expert_sum(x))
+    return rowwise(lambda x, ctx: expert_sum(x), flat=True)
 
 
 def weighted_mean(weights=None) -> Merge:
@@ -555,7 +556,7 @@ def weighted_mean(weights=None) -> Merge:
             weights, jnp.float32)
         return expert_sum(x * _expand(w, x)) / jnp.sum(w)
 
-    merge = rowwise(apply)
+    merge = rowwise(apply, flat=True)
     if weights is not None:
         if not np.isfinite(np.sum(weights)) or np.sum(weights) == 0:
             raise ConfigError(f"weights must have a non-zero finite sum, got {list(weights)}")
@@ -574,7 +575,7 @@ def disjoint_mean() -> Merge:
         count = expert_count(x != 0).astype(jnp.float32)
         return expert_sum(x) / jnp.maximum(count, 1.0)
 
-    return rowwise(apply)
+    return rowwise(apply, flat=True)
 
 
 def _cosine(a, b):

@@ -610,8 +610,9 @@ def svc(merge: Merge, floor: float = 0.1) -> Merge:
             return delta
         return svc_calibrate(delta, ctx.taus, floor)
 
-    return merge._replace(apply=apply, rowwise=lambda info: not info.is_matrix
-                          and merge.rowwise(info))
+    return merge._replace(apply=apply,
+                          rowwise=lambda info: not info.is_matrix and merge.rowwise(info),
+                          flat=lambda info: not info.is_matrix and merge.flat(info))
 
 
 __all__ = [

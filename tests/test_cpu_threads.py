@@ -1,5 +1,8 @@
 """Concurrent chunk calls and the BLAS thread limit (jaxmerge.cpu_threads)."""
 
+import contextlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,6 +15,7 @@ import threadpoolctl
 import jaxmerge
 from jaxmerge import cpu_threads, executor, methods
 from jaxmerge.errors import JaxmergeError
+from tests.subprocesses import ROOT, subprocess_env
 
 
 def models(n=3, seed=0, layers=6):
@@ -114,23 +118,86 @@ def test_one_compute_thread_runs_on_the_caller(monkeypatch):
     assert names == {threading.current_thread().name}
 
 
-def test_merge_calls_run_under_the_blas_limit():
-    """Inside the compiled merge (a host callback), the BLAS libraries have
-    cores // compute_threads threads; after the merge, their old settings."""
-    seen = []
+def _recording_blas_threads(seen):
+    """A merge whose compiled call makes a LAPACK call (an SVD), then records the BLAS
+    libraries' thread counts from inside (a host callback)."""
 
-    def record():
+    def record(singular_values):
         seen.append(_blas_threads())
         return np.zeros((), np.float32)
 
     def recording(x, ctx):
-        return x.mean(axis=0) + jax.pure_callback(record, jax.ShapeDtypeStruct((), jnp.float32))
+        singular = jnp.linalg.svd(x.reshape(x.shape[0], -1), compute_uv=False)
+        return x.mean(axis=0) + jax.pure_callback(
+            record, jax.ShapeDtypeStruct((), jnp.float32), singular, vmap_method="sequential")
 
+    return jaxmerge.rowwise(recording)
+
+
+def test_merge_calls_run_under_the_blas_limit():
+    """Inside a compiled merge that uses LAPACK, the BLAS libraries have
+    cores // compute_threads threads; after the merge, their old settings."""
+    seen = []
     before = _blas_threads()
-    jaxmerge.merge(jaxmerge.rowwise(recording), *models(), compute_threads=2)
+    jaxmerge.merge(_recording_blas_threads(seen), *models(), compute_threads=2)
     assert seen and _blas_threads() == before
     expected = cpu_threads.blas_threads_per_call(2)
     assert all(n == expected for threads in seen for n in threads.values())
+
+
+def test_one_compute_thread_leaves_the_blas_settings_alone():
+    """One chunk call at a time: the executor does not touch BLAS (a limit the caller
+    set stays in force)."""
+    seen = []
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        jaxmerge.merge(_recording_blas_threads(seen), *models(), compute_threads=1)
+    assert seen and all(n == 1 for threads in seen for n in threads.values())
+
+
+def test_merges_without_lapack_never_load_it():
+    """TIES and task arithmetic never load scipy's LAPACK (jaxlib loads it when it first
+    lowers a LAPACK call; ~0.1 s of a CLI run); TSV does, and then runs under the limit."""
+    script = """
+import sys
+import numpy as np
+import jaxmerge
+rng = np.random.default_rng(0)
+base = {"w": rng.normal(size=(32, 16)).astype(np.float32)}
+experts = [{"w": base["w"] + rng.normal(size=(32, 16)).astype(np.float32)} for _ in range(3)]
+for merge in (jaxmerge.ties(), jaxmerge.task_arithmetic(), jaxmerge.dare_ties()):
+    jaxmerge.merge(merge, base, experts, compute_threads=2)
+print("after ties:", "scipy.linalg.cython_lapack" in sys.modules)
+jaxmerge.merge(jaxmerge.tsv(), base, experts, compute_threads=2)
+print("after tsv:", "scipy.linalg.cython_lapack" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "after ties: False" in done.stdout and "after tsv: True" in done.stdout
+
+
+def test_the_lapack_limit_waits_for_lapack(monkeypatch):
+    """LapackThreadLimit sets nothing until the library is loaded, then limits once and
+    restores at the end of its block."""
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_blas_threads(threads):
+        entered.append(threads)
+        yield
+        entered.append("restored")
+
+    monkeypatch.setattr(cpu_threads, "blas_threads", fake_blas_threads)
+    loaded = [False]
+    monkeypatch.setattr(cpu_threads, "lapack_loaded", lambda: loaded[0])
+    with cpu_threads.LapackThreadLimit(3) as limit:
+        limit.apply()
+        assert entered == []
+        loaded[0] = True
+        limit.apply()
+        limit.apply()
+        assert entered == [3]
+    assert entered == [3, "restored"]
 
 
 def test_a_failing_call_on_a_compute_thread_reaches_the_caller():
