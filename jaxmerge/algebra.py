@@ -136,8 +136,9 @@ def rowwise(apply: Callable[[Array, LeafContext], Array], *, flat: bool = False,
             **kwargs) -> Merge:
     """A piece whose output rows depend only on the same input rows (row-splittable).
 
-    Entrywise pieces are row-wise; so are per-row ones (DELLA's ranks, DARE's
-    per-row keys). Whole-tensor quantities must come from per-leaf statistics.
+    Entrywise pieces are row-wise (DARE's masks too: they follow the flat position); so
+    are per-row ones (DELLA's ranks). Whole-tensor quantities must come from per-leaf
+    statistics.
     ``flat=True`` also declares :attr:`Merge.flat` (entrywise pieces, and per-tensor
     statistics that ignore the shape, like TIES's threshold).
     """

@@ -340,23 +340,48 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
 
 
 def uniform_bits(key, shape, row_offset=0):
-    """24-bit uniform integers ``uint32[*shape]``, a pure function of (key, row, column).
+    """24-bit uniform integers ``uint32[*shape]``, a pure function of (key, position).
 
     The key (per leaf, expert and piece, from :func:`jaxmerge.hashing.fold_in`) seeds a
-    counter-based hash of each entry's global position: row r (index of dim 0,
-    counted from ``row_offset``) and flat column c within the row. So a row's
-    bits are the same whether the leaf is merged whole or in row blocks, on one
-    device or many. About 10 integer operations an entry: several times cheaper
-    than threefry on CPU, and ample for Bernoulli masks (see tests/test_random.py).
+    counter-based hash of each entry's flat position in the whole leaf:
+    ``row_offset · R + e`` for entry ``e`` (row-major) of a block whose rows hold ``R``
+    entries each, ``row_offset`` being the block's first row. So an entry's bits are
+    the same whether the leaf is merged whole, flattened (``R = 1``), or in row blocks,
+    on one device or many. Positions are 64-bit counts (two words), so leaves past 2³²
+    entries repeat no bits. About a dozen integer operations an entry: several times
+    cheaper than threefry on CPU, and ample for Bernoulli masks (tests/test_random.py).
+
+    Raises:
+      ConfigError: a block of 2³² entries or more (blocks stay far below: the budget).
     """
     words = jax.random.key_data(key).astype(jnp.uint32)
-    if not shape:
-        return hashing.mix32(words[0] ^ hashing.mix32(words[1])) >> 8
-    rows = jnp.uint32(row_offset) + jnp.arange(shape[0], dtype=jnp.uint32)
-    row_hash = hashing.mix32(rows * jnp.uint32(0x9E3779B9) ^ words[0])
-    columns = jnp.arange(math.prod(shape[1:]), dtype=jnp.uint32).reshape(shape[1:])
-    row_hash = row_hash.reshape((-1,) + (1,) * (len(shape) - 1))
-    return hashing.mix32((columns * jnp.uint32(0x85EBCA6B)) ^ row_hash ^ words[1]) >> 8
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ConfigError(f"a block of {size} entries is too large for jaxmerge's random "
+                          "bits (at most 2**32 - 1); lower the chunk memory budget")
+    start_high, start_low = _times_64(row_offset, math.prod(shape[1:]) if shape else 1)
+    low = start_low + jnp.arange(size, dtype=jnp.uint32).reshape(shape)
+    carried = low < start_low  # the count passed a multiple of 2**32 inside this block
+    seed_words = hashing.mix32(jnp.stack([start_high, start_high + jnp.uint32(1)])
+                               * jnp.uint32(0x9E3779B9) ^ words[0]) ^ words[1]
+    seed = jnp.where(carried, seed_words[1], seed_words[0])
+    return hashing.mix32((low * jnp.uint32(0x85EBCA6B)) ^ seed) >> 8
+
+
+def _times_64(a, b: int):
+    """``(high, low)`` uint32 words of the 64-bit product ``a · b``: ``a`` a (traced)
+    non-negative int32 scalar, ``b`` a Python int below 2³²; 16-bit limbs, no overflow."""
+    a = jnp.asarray(a).astype(jnp.uint32)
+    a_low, a_high = a & jnp.uint32(0xFFFF), a >> 16
+    b_low, b_high = jnp.uint32(b & 0xFFFF), jnp.uint32(b >> 16)
+    low_low, high_high = a_low * b_low, a_high * b_high
+    cross = a_low * b_high
+    middle = cross + a_high * b_low
+    middle_carry = (middle < cross).astype(jnp.uint32)
+    low = low_low + (middle << 16)
+    low_carry = (low < low_low).astype(jnp.uint32)
+    high = high_high + (middle >> 16) + (middle_carry << 16) + low_carry
+    return high, low
 
 
 def keep_masks(keys, probabilities, label: str, row_offset=0):
@@ -399,7 +424,7 @@ def dare(drop_rate: float = 0.8) -> Merge:
         masks = dare_masks(ctx.keys, keep, x.shape[1:], ctx.row_offset)
         return jnp.where(masks, x / jnp.float32(keep), 0.0)
 
-    return rowwise(apply)
+    return rowwise(apply, flat=True)  # (masks follow the flat position)
 
 
 def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:

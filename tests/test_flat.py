@@ -48,7 +48,7 @@ def counting_compiles(monkeypatch) -> list:
 
 
 FLAT_METHODS = ["task_arithmetic", "ties", "linear", "ram", "ram_plus", "breadcrumbs",
-                "breadcrumbs_ties"]
+                "breadcrumbs_ties", "dare_linear", "dare_ties"]
 
 
 @pytest.mark.parametrize("name", FLAT_METHODS)
@@ -68,7 +68,7 @@ def test_flat_methods_merge_each_size_in_one_program_with_the_same_bits(monkeypa
         np.testing.assert_array_equal(np.asarray(flat[name_]), np.asarray(shaped[name_]))
 
 
-@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "model_stock", "slerp"])
+@pytest.mark.parametrize("name", ["della", "model_stock", "slerp"])
 def test_methods_that_depend_on_the_shape_are_not_flat(name):
     merge = methods.build(name, {})
     for leaf, shape in SHAPES.items():
@@ -89,7 +89,8 @@ def test_combinators_keep_flat_only_where_every_piece_is():
     up = LeafInfo.from_name("model.layers.0.mlp.up_proj.weight", (48, 16))
     norm = LeafInfo.from_name("model.norm.weight", (16,))
     assert chain(ops.trim(), ops.elect_sign(), ops.disjoint_mean()).flat(up)
-    assert not chain(ops.dare(), ops.sum_experts()).flat(up)
+    assert chain(ops.dare(), ops.sum_experts()).flat(up)
+    assert not chain(ops.della_mask(), ops.sum_experts()).flat(up)
     routed = route({matrix: methods.build("tsv", {})}, ops.mean())
     assert not routed.flat(up) and routed.flat(norm)
     assert jaxmerge.add(ops.mean(), ops.sum_experts()).flat(up)

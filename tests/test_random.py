@@ -95,6 +95,45 @@ def test_masks_do_not_depend_on_leaf_order_or_batching():
     assert not np.array_equal(np.asarray(whole[names[0]]), np.asarray(other_seed[names[0]]))
 
 
+def _mix32(x):
+    x = np.asarray(x, np.uint64) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _uniform_bits_reference(key, shape, row_offset):
+    """uniform_bits in NumPy with exact 64-bit positions (int64 arithmetic)."""
+    w0, w1 = (int(w) for w in np.asarray(jax.random.key_data(key)).astype(np.uint32))
+    row_size = int(np.prod(shape[1:]))
+    position = row_offset * row_size + np.arange(int(np.prod(shape)), dtype=np.uint64)
+    high, low = position >> 32, position & 0xFFFFFFFF
+    seed = _mix32(((high * 0x9E3779B9) & 0xFFFFFFFF) ^ w0) ^ w1
+    return (_mix32(((low * 0x85EBCA6B) & 0xFFFFFFFF) ^ seed) >> 8).reshape(shape)
+
+
+def test_uniform_bits_follow_the_flat_position_past_two_to_the_32():
+    """Bits are a function of (key, flat position): the same for a leaf flattened or in
+    2-D, and for a row block whose positions cross 2**32 (the 64-bit count)."""
+    key = jax.random.key(7)
+    bits = jax.jit(ops.uniform_bits, static_argnums=1)
+    whole = np.asarray(bits(key, (20, 512)))
+    np.testing.assert_array_equal(np.asarray(bits(key, (20 * 512,))).reshape(20, 512), whole)
+    np.testing.assert_array_equal(whole, _uniform_bits_reference(key, (20, 512), 0))
+    rows_to_the_edge = 2**32 // 4096 - 3  # rows of 4096 entries: this block crosses 2**32
+    crossing = np.asarray(bits(key, (6, 4096), jnp.int32(rows_to_the_edge)))
+    np.testing.assert_array_equal(crossing,
+                                  _uniform_bits_reference(key, (6, 4096), rows_to_the_edge))
+    far = 2**31 - 1  # the largest row offset: position ≈ 2**43
+    np.testing.assert_array_equal(np.asarray(bits(key, (2, 4096), jnp.int32(far))),
+                                  _uniform_bits_reference(key, (2, 4096), far))
+    # Past 2**32 the bits do not repeat those of the first positions (no 32-bit wrap).
+    first = _uniform_bits_reference(key, (3, 4096), 0)
+    assert np.mean(crossing[3:] == first) < 0.01
+
+
 def test_uniform_bits_are_uniform_and_uncorrelated_between_neighbours():
     bits = np.asarray(jax.jit(ops.uniform_bits, static_argnums=1)(jax.random.key(5), (256, 512)))
     assert bits.max() < 2**24
