@@ -1,6 +1,8 @@
 """The executor's pipeline: compiling ahead, one chunk in flight, balanced row blocks."""
 
+import concurrent.futures
 import threading
+import time
 
 import jax
 import ml_dtypes
@@ -171,3 +173,60 @@ def test_jax_uses_host_zeros_in_place():
     on_device = jax.device_put(aligned)
     aligned[0, 0] = 1.0
     assert float(on_device[0, 0]) == 1.0
+
+
+def test_a_program_not_yet_compiled_ahead_is_compiled_once_for_all_callers(monkeypatch):
+    """Two compute threads reach a program whose compilation ahead has not started: the
+    first cancels the queued job and compiles it; the second calls it meanwhile, and
+    JAX's caches make that call wait for the same compilation instead of compiling the
+    program a second time (one backend compile in all)."""
+    compiles = []
+    real = executor._compile_quietly
+
+    def slow_recording(fn, structs):
+        compiles.append(threading.current_thread().name)
+        time.sleep(0.2)
+        real(fn, structs)
+
+    monkeypatch.setattr(executor, "_compile_quietly", slow_recording)
+    fn = jax.jit(lambda x: x * 2.0)
+    arrays = np.ones((4, 8), np.float32)
+
+    class Owner:  # what _Ahead needs of its executor
+        def _program_key(self, chunk):
+            return ("key",)
+
+        def _input_structs(self, chunk):
+            return (jax.ShapeDtypeStruct(arrays.shape, arrays.dtype),)
+
+        def _before_call(self):
+            pass
+
+    class Chunk:
+        strategy, size = None, 1
+
+        def ids(self):
+            return ()
+
+    backend_compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            backend_compiles.append(threading.current_thread().name)
+
+    busy = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.submit(busy.wait)  # the compile thread is busy: the queued compile never starts
+    ahead = executor._Ahead(Owner(), lambda chunk, args: (fn, args), pool)
+    ahead.submit([Chunk()])
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as callers:
+            results = list(callers.map(lambda _: ahead.launch(Chunk(), (arrays,)), range(2)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+        busy.set()
+        pool.shutdown(wait=True)
+    assert len(compiles) == 1 and len(backend_compiles) == 1, (compiles, backend_compiles)
+    for result in results:
+        np.testing.assert_array_equal(np.asarray(result), arrays * 2)
