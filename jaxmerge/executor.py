@@ -325,9 +325,9 @@ class Executor:
         programs are loaded from it, or traced and stored there for later runs.
       compute_threads: chunk calls run at once, each from its own thread, each holding
         one more chunk of inputs (None: :func:`jaxmerge.cpu_threads.default_compute_threads`,
-        2 on a multi-core CPU, else 1; a mesh always runs one). On the CPU the BLAS
-        library behind LAPACK gets ``cores // compute_threads`` threads meanwhile.
-        Results do not depend on it.
+        2 on a multi-core CPU, else 1; a mesh always runs one). With more than one, on
+        the CPU, the BLAS library behind LAPACK gets ``cores // compute_threads`` threads
+        from the first call after LAPACK is loaded. Results do not depend on it.
     """
 
     def __init__(self, merge: Merge, plan: Plan, base: Source, experts: Sequence[Source],
