@@ -84,6 +84,10 @@ def _everywhere(info: LeafInfo) -> bool:
     return True
 
 
+def _unsettled(stats: Mapping[int, PyTree]) -> None:
+    del stats
+
+
 class StatsPass(NamedTuple):
     """A whole-model statistic computed in a streaming pass before the merge.
 
@@ -98,6 +102,11 @@ class StatsPass(NamedTuple):
         per-tensor quantile, say). The executor runs per-leaf passes only for the
         leaves it splits into row blocks; a piece must compute the statistic
         itself, inside its compiled call, when ``id not in ctx.stats``.
+      settle: ``stats_so_far -> statistic or None``: the statistic when the earlier
+        passes already determine it (then nothing is streamed for it: for a per-leaf
+        pass, ``stats_so_far`` is one leaf's view and only the unsettled leaves are
+        read), else None. Say, a radix select whose first level already landed on a
+        single value.
     """
 
     id: int
@@ -106,11 +115,14 @@ class StatsPass(NamedTuple):
     applies: Callable[[LeafInfo], bool] = _everywhere
     description: str = "statistics"
     per_leaf: bool = False
+    settle: Callable[[Mapping[int, PyTree]], PyTree | None] = _unsettled
 
 
-def stats_pass(partial, finalize, description="statistics", per_leaf=False) -> StatsPass:
-    """Creates a :class:`StatsPass` with a fresh id."""
-    return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description, per_leaf)
+def stats_pass(partial, finalize, description="statistics", per_leaf=False,
+               settle=None) -> StatsPass:
+    """Creates a :class:`StatsPass` with a fresh id (``settle``: see :class:`StatsPass`)."""
+    return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description, per_leaf,
+                     _unsettled if settle is None else settle)
 
 
 def _no_choice(info: LeafInfo) -> Hashable:

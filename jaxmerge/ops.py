@@ -95,18 +95,34 @@ def _bits(x):
     return jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.uint32)
 
 
+def _high_bin(bits):
+    """First-level radix bin of |x| bits: 0 for exactly 0, else the top 16 bits + 1.
+
+    Order-preserving (|x| ≤ NaN's 0x7FFFFFFF, so bins stay below 2¹⁵ + 1), and a
+    selection landing in bin 0 is exactly 0 with no second level: a sparse task
+    vector's TIES threshold (≥ 1 − k of its entries zero, as RL updates are).
+    """
+    return jnp.where(bits == 0, 0, (bits >> 16).astype(jnp.int32) + 1)
+
+
 def high_bin_counts(abs_values):
-    """Histogram of the top 16 bits of |x| (first radix level), int32[65536]."""
-    high = (_bits(abs_values) >> 16).astype(jnp.int32).ravel()
-    return jnp.zeros(_BINS, jnp.int32).at[high].add(1)
+    """Histogram of the first radix level of |x| (:func:`_high_bin`), int32[65536]."""
+    return jnp.zeros(_BINS, jnp.int32).at[_high_bin(_bits(abs_values).ravel())].add(1)
 
 
 def low_bin_counts(abs_values, high_bin):
-    """Histogram of the low 16 bits of the entries whose top 16 bits equal ``high_bin``."""
+    """Histogram of the low 16 bits of the entries in first-level bin ``high_bin``."""
     bits = _bits(abs_values).ravel()
-    inside = ((bits >> 16).astype(jnp.int32) == high_bin).astype(jnp.int32)
+    inside = (_high_bin(bits) == high_bin).astype(jnp.int32)
     low = (bits & 0xFFFF).astype(jnp.int32)
     return jnp.zeros(_BINS, jnp.int32).at[low].add(inside)
+
+
+def radix_value(high_bin, low_bin) -> np.ndarray:
+    """The float32 magnitudes of (first-level, second-level) radix bins (host side)."""
+    high_bin = np.asarray(high_bin, np.int64)
+    bits = ((np.maximum(high_bin - 1, 0) << 16) | np.asarray(low_bin, np.int64))
+    return np.where(high_bin == 0, 0, bits).astype(np.uint32).view(np.float32)
 
 
 def select_bin(counts, rank, xp=jnp):
@@ -287,13 +303,16 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
 
     def low_finalize(total, stats):
         first = stats[high_pass.id]
-        if first["keep_all"]:
-            return np.zeros(len(first["high"]), np.float32)
         low, _ = select_bin(np.asarray(total, np.int64), first["rank"].astype(np.int64), xp=np)
-        bits = (first["high"].astype(np.uint32) << 16) | low.astype(np.uint32)
-        return bits.astype(np.uint32).view(np.float32)
+        return radix_value(first["high"], low)
 
-    low_pass = stats_pass(low_partial, low_finalize, f"{label} (2/2)", per_leaf)
+    def low_settle(stats):
+        first = stats[high_pass.id]
+        if first["keep_all"] or not first["high"].any():  # every threshold is exactly 0
+            return np.zeros(len(first["high"]), np.float32)
+        return None
+
+    low_pass = stats_pass(low_partial, low_finalize, f"{label} (2/2)", per_leaf, low_settle)
 
     def apply(x, ctx):
         if low_pass.id in ctx.stats:

@@ -34,6 +34,7 @@ from jaxmerge.ops import (
     keep_masks,
     kth_smallest_abs,
     low_bin_counts,
+    radix_value,
     select_bin,
 )
 
@@ -175,8 +176,7 @@ def _median_passes(epsilon: float):
     def low_finalize(total, stats):
         first = stats[high_pass.id]
         low, _ = select_bin(np.asarray(total, np.int64), first["rank"].astype(np.int64), xp=np)
-        bits = (first["high"].astype(np.uint32) << 16) | low.astype(np.uint32)
-        lower, upper = bits.astype(np.uint32).view(np.float32)
+        lower, upper = radix_value(first["high"], low)
         return {"median": np.float32(0.5) * (lower + upper), "any": first["any"]}
 
     low_pass = stats_pass(low_partial, low_finalize, "SAR private median (2/2)", True)

@@ -430,6 +430,29 @@ def test_subprocess_run_ends_with_everything_written(tiny, tmp_path):
         "method"] == "ties"
 
 
+def test_command_lines_keep_freed_memory_and_quiet_the_collector():
+    """``run_program``'s process settings, checked in a fresh interpreter (they are
+    process-wide): glibc keeps freed blocks below 1 GiB; gc skips what was imported."""
+    import subprocess
+    import sys
+
+    from tests.subprocesses import ROOT, subprocess_env
+
+    script = (
+        "import gc, sys\n"
+        "from jaxmerge import cli_support\n"
+        "before = gc.get_threshold()[0]\n"
+        "print(cli_support.retain_freed_memory())\n"
+        "cli_support.quiet_garbage_collector()\n"
+        "print(gc.get_freeze_count() > 1000, gc.get_threshold()[0] == 10 * before)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    retained, quiet = result.stdout.splitlines()
+    assert retained == str(sys.platform.startswith("linux"))  # glibc here
+    assert quiet == "True True"
+
+
 def test_program_cache_is_named_by_method_and_hyperparameters(tmp_path):
     """The traced-program cache sits in the compilation cache; its identity is the method
     with every hyperparameter, and a recipe (code the CLI cannot name) gets none."""

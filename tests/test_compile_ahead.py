@@ -11,8 +11,11 @@ import pytest
 from jax._src import dispatch
 
 import jaxmerge
-from jaxmerge import executor
+from jaxmerge import compile_options, executor
 from jaxmerge.executor import balanced_block_rows
+from jaxmerge.leaves import LeafInfo
+from jaxmerge.plan import build_plan
+from jaxmerge.sources import ArraySource
 
 SHAPES = {
     "model.layers.0.mlp.up_proj.weight": (48, 16),
@@ -111,9 +114,9 @@ def test_results_do_not_depend_on_the_pipeline(monkeypatch):
     merge = jaxmerge.ties(0.3)
     piped = jaxmerge.merge(merge, base, experts, key=1, chunk_bytes=20_000)
 
-    def in_order(stream, launch, threads):
+    def in_order(stream, launch, threads, release):
         for chunk, arrays in stream:
-            yield chunk, launch(chunk, arrays)
+            yield chunk, launch(chunk, arrays)  # (buffers not given back: fresh ones)
 
     monkeypatch.setattr(executor, "_launched", in_order)
     monkeypatch.setattr(executor, "_compile_quietly", lambda fn, structs: None)
@@ -173,6 +176,82 @@ def test_jax_uses_host_zeros_in_place():
     on_device = jax.device_put(aligned)
     aligned[0, 0] = 1.0
     assert float(on_device[0, 0]) == 1.0
+
+
+def test_host_buffers_reuse_memory_of_the_same_size_and_free_other_sizes():
+    buffers = executor.HostBuffers()
+    first, second = buffers.take([jax.ShapeDtypeStruct((4, 6), np.float32),
+                                  jax.ShapeDtypeStruct((3, 8), ml_dtypes.bfloat16)])
+    assert first.shape == (4, 6) and first.dtype == np.float32
+    assert second.shape == (3, 8) and second.dtype == ml_dtypes.bfloat16
+    assert all(a.ctypes.data % executor.HOST_ALIGNMENT == 0 and a.flags.writeable
+               for a in (first, second))
+    addresses = {first.ctypes.data, second.ctypes.data}
+    buffers.give([first, second])
+    # Same byte sizes, other shapes and dtypes: the same memory comes back.
+    again = buffers.take([jax.ShapeDtypeStruct((96,), np.uint8),
+                          jax.ShapeDtypeStruct((12,), np.float32)])
+    assert {a.ctypes.data for a in again} == addresses
+    assert again[0].shape == (96,) and again[1].dtype == np.float32
+    buffers.give(again)
+    # A size not seen before: idle buffers of the sizes it does not use are dropped.
+    other = buffers.take([jax.ShapeDtypeStruct((96,), np.uint8),
+                          jax.ShapeDtypeStruct((5,), np.float32)])
+    assert other[0].ctypes.data in addresses
+    assert sorted(buffers._idle) == [96]  # the 48-byte buffer went; none of size 96 idle
+    assert not buffers._idle[96]
+
+
+def test_padding_slots_read_as_zeros_from_reused_buffers():
+    """The last chunk of a group is padded; its buffers come back from an earlier chunk
+    with that chunk's data, so the padding is zeroed (a NaN-free, defined input)."""
+    rng = np.random.default_rng(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(9)]
+    base = {n: rng.normal(size=(6, 4)).astype(np.float32) for n in names}
+    experts = [{n: v + rng.normal(size=v.shape).astype(np.float32) for n, v in base.items()}
+               for _ in range(2)]
+    seen = []
+    merge = jaxmerge.Merge(lambda x, ctx: (seen.append(x.shape), x.sum(axis=0))[1])
+    leaf_bytes = 6 * 4 * 3 * (4 + 4 * executor._WORK_FACTOR)
+    plan = build_plan(ArraySource(base, "base"),
+                      [ArraySource(e, f"expert {i}") for i, e in enumerate(experts)])
+    run = executor.Executor(merge, plan, ArraySource(base, "base"),
+                            [ArraySource(e, f"expert {i}") for i, e in enumerate(experts)],
+                            chunk_bytes=2 * leaf_bytes, compute_threads=1)
+    reads = []
+    real = run._read_chunk
+
+    def recording(chunk):
+        arrays, nbytes = real(chunk)
+        reads.append((chunk, arrays))
+        return arrays, nbytes
+
+    run._read_chunk = recording
+    merged = {}
+    run.run(lambda name, value, rows=None: merged.__setitem__(name, np.array(value)))
+    padded = [(chunk, arrays) for chunk, arrays in reads if None in chunk.slots]
+    assert padded and len(reads) == 5  # 4 × 2 + (1 + padding)
+    chunk, (_, _, base_in, experts_in, _) = padded[0]
+    assert {base_in.ctypes.data, experts_in.ctypes.data} <= {
+        a.ctypes.data for _, arrays in reads[:3] for a in arrays[2:4]}  # reused memory
+    i = chunk.slots.index(None)
+    assert not base_in[i].any() and not experts_in[i].any()
+    for name in names:
+        np.testing.assert_allclose(merged[name], experts[0][name] + experts[1][name] - base[name],
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_merge_calls_compile_with_the_cpu_merge_options():
+    options = compile_options.merge_call_options("cpu")
+    assert options == compile_options.CPU_MERGE_CALL_OPTIONS  # this jaxlib knows them
+    assert compile_options.merge_call_options("gpu") == {}
+    fn = executor._compile_apply(jaxmerge.task_arithmetic(), LeafInfo.from_name("w", (3,)),
+                                 np.dtype(np.float32))
+    structs = (jax.random.key(0), np.zeros(1, np.uint32), np.zeros(1, np.int32),
+               np.ones((1, 3), np.float32), np.full((1, 2, 3), 2, np.float32), {}, {}, {})
+    merged, finite = fn(*structs)
+    np.testing.assert_array_equal(merged, np.full((1, 3), 3, np.float32))
+    assert finite.all()
 
 
 def test_a_program_not_yet_compiled_ahead_is_compiled_once_for_all_callers(monkeypatch):

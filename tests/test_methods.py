@@ -7,11 +7,12 @@ masks) must agree; the continuous parts agree to float32 rounding.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxmerge
-from jaxmerge import ops
+from jaxmerge import executor, ops
 from jaxmerge.executor import leaf_keys
 from tests import numpy_reference as ref
 
@@ -309,6 +310,74 @@ def test_row_blocks_and_batching_do_not_change_results(method):
     for name in base:
         np.testing.assert_array_equal(np.asarray(whole[name]), np.asarray(tiny_chunks[name]),
                                       err_msg=f"{method} {name}")
+
+
+def _swept_leaves(monkeypatch) -> list[tuple[str, set]]:
+    """Records (pass description, leaves read) for every statistics pass that streams."""
+    swept = []
+    real = executor.Executor._pass_totals
+
+    def recording(self, stats_pass, chunks, label, stats):
+        swept.append((stats_pass.description, {leaf.name for c in chunks for leaf in c.leaves}))
+        return real(self, stats_pass, chunks, label, stats)
+
+    monkeypatch.setattr(executor.Executor, "_pass_totals", recording)
+    return swept
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "global"])
+def test_sparse_task_vectors_settle_the_ties_threshold_in_one_pass(monkeypatch, scope):
+    """With ≥ 1 − k of the entries exactly zero (RL updates) the radix select's first level
+    lands on the zero bin: the threshold is 0 and its second pass reads nothing."""
+    base, experts, taus = make_models(3, seed=14, sparse=0.9)
+    swept = _swept_leaves(monkeypatch)
+    merged = jaxmerge.merge(jaxmerge.ties(0.2, scope=scope), base, experts, chunk_bytes=1)
+    descriptions = [description for description, _ in swept]
+    assert any("threshold" in d and "(1/2)" in d for d in descriptions), descriptions
+    assert not any("(2/2)" in d for d in descriptions), descriptions
+    if scope == "global":
+        names = list(taus)
+        expected = dict(zip(names, ref.ties_global([taus[k] for k in names], density=0.2,
+                                                   scale=1.0)))
+    else:
+        expected = per_tensor(ref.ties, taus, density=0.2, scale=1.0, aggregation="mean",
+                              scope="per_tensor")
+    assert_merge({k: np.asarray(v) for k, v in merged.items()}, base, expected)
+
+
+def test_only_unsettled_leaves_are_read_by_the_second_radix_pass(monkeypatch):
+    """One leaf sparse (threshold 0, settled after the first pass), the others dense:
+    the second pass reads the dense ones alone, and all equal the reference."""
+    base, experts, taus = make_models(2, seed=15)
+    sparse_name = "model.embed_tokens.weight"
+    rng = np.random.default_rng(0)
+    for t, expert in enumerate(experts):
+        keep = rng.random(base[sparse_name].shape) < 0.1
+        expert[sparse_name] = np.where(keep, expert[sparse_name], base[sparse_name])
+        taus[sparse_name][t] = expert[sparse_name].astype(np.float64) - base[sparse_name]
+    swept = _swept_leaves(monkeypatch)
+    merged = jaxmerge.merge(jaxmerge.ties(0.2), base, experts, chunk_bytes=1)
+    second = [leaves for description, leaves in swept if "(2/2)" in description]
+    assert second == [set(base) - {sparse_name}], swept
+    expected = per_tensor(ref.ties, taus, density=0.2, scale=1.0, aggregation="mean",
+                          scope="per_tensor")
+    assert_merge({k: np.asarray(v) for k, v in merged.items()}, base, expected)
+
+
+def test_radix_bins_keep_the_order_and_give_exact_zero_its_own_bin():
+    values = np.array([0.0, 1e-45, 1e-40, 1e-38, 0.1, 0.1000001, 1.0, 3e38, np.inf], np.float32)
+    bins = np.asarray(ops.high_bin_counts(jnp.asarray(values)))
+    occupied = np.flatnonzero(bins)
+    assert occupied[0] == 0 and bins[0] == 1  # exact zero alone in bin 0
+    assert bins.sum() == len(values)
+    high = np.array([np.flatnonzero(np.asarray(ops.high_bin_counts(jnp.asarray([v]))))[0]
+                     for v in values])
+    assert np.all(np.diff(high) >= 0)
+    low = values.view(np.uint32) & 0xFFFF
+    np.testing.assert_array_equal(ops.radix_value(high, low), values)
+    # The second level only counts the entries of the chosen first-level bin.
+    inside = np.asarray(ops.low_bin_counts(jnp.asarray(values), int(high[4])))
+    assert inside.sum() == np.sum(high == high[4]) and inside[low[4]] == 1
 
 
 def test_rowwise_property_of_methods():
