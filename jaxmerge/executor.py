@@ -44,7 +44,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmerge import cpu_threads, distributed, hashing
 from jaxmerge.algebra import LeafContext, Merge, PyTree, StatsPass
-from jaxmerge.compile_options import merge_call_options
 from jaxmerge.errors import JaxmergeError
 from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import LeafPlan, Plan, Source
@@ -168,8 +167,7 @@ def _apply_one(merge: Merge, info: LeafInfo, out_dtype):
 
 
 def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
-    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES),
-                   compiler_options=merge_call_options(jax.default_backend()))
+    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES))
 
 
 def _pass_one(stats_pass: StatsPass, info: LeafInfo):
@@ -618,7 +616,7 @@ class Executor:
             key += (chunk.strategy,)
         return key
 
-    def _compiled_fn(self, kind, chunk: _Chunk, factory, compiler_options=None):
+    def _compiled_fn(self, kind, chunk: _Chunk, factory):
         info = chunk.leaves[0].info
         key = (kind, *self._program_key(chunk))
         cached = self.programs is not None and chunk.strategy is None
@@ -626,9 +624,8 @@ class Executor:
             key += (chunk.size,)  # an exported program has fixed argument shapes
         with self._compiled_lock:  # (compute threads may ask for a shape at once)
             if key not in self._compiled:
-                self._compiled[key] = (
-                    self.programs.program(lambda: factory(info), repr(key), compiler_options)
-                    if cached else factory(info))
+                self._compiled[key] = (self.programs.program(lambda: factory(info), repr(key))
+                                       if cached else factory(info))
                 self.report.compiled_calls += 1
             return self._compiled[key]
 
@@ -843,8 +840,7 @@ class Executor:
                 out_dtype = chunk.leaves[0].out_dtype
                 fn = self._compiled_fn("apply", chunk,
                                        lambda info, d=out_dtype, c=chunk: self._compile_apply(
-                                           info, d, c),
-                                       merge_call_options(jax.default_backend()))
+                                           info, d, c))
                 return fn, self._call_args(chunk, arrays, stats)
 
             pending = None

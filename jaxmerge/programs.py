@@ -51,12 +51,9 @@ class ProgramCache:
         self.directory = pathlib.Path(directory).expanduser()
         self.identity = identity
 
-    def program(self, make: Callable[[], Callable], label: str,
-                compiler_options: dict | None = None) -> CachedProgram:
-        """A stand-in for the jitted function ``make()``, for arguments of one shape;
-        an exported module is compiled with ``compiler_options`` (give those of
-        ``make()``'s jit)."""
-        return CachedProgram(self, make, label, compiler_options)
+    def program(self, make: Callable[[], Callable], label: str) -> CachedProgram:
+        """A stand-in for the jitted function ``make()``, for arguments of one shape."""
+        return CachedProgram(self, make, label)
 
     def key(self, label: str, structs) -> str | None:
         """The entry name of the program ``label`` for arguments shaped like ``structs``;
@@ -96,12 +93,10 @@ class CachedProgram:
     ``fn.trace(*args)``); on first use it loads the program's exported module, or
     exports and saves it, and from then on runs that module."""
 
-    def __init__(self, cache: ProgramCache, make: Callable[[], Callable], label: str,
-                 compiler_options: dict | None = None):
+    def __init__(self, cache: ProgramCache, make: Callable[[], Callable], label: str):
         self._cache = cache
         self._make = make
         self._label = label
-        self._compiler_options = compiler_options
         self._fn = None
         self._lock = threading.Lock()
         self.loaded = False  # True when the module came from the cache
@@ -129,7 +124,7 @@ class CachedProgram:
             except Exception as error:  # noqa: BLE001 - not exportable: trace as usual
                 logger.info("program cache: %s not stored (%s)", self._label, error)
                 return fn
-        return jax.jit(exported.call, compiler_options=self._compiler_options)
+        return jax.jit(exported.call)
 
     def trace(self, *args):
         return self._resolve(args).trace(*args)

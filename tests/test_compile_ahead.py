@@ -11,9 +11,8 @@ import pytest
 from jax._src import dispatch
 
 import jaxmerge
-from jaxmerge import compile_options, executor
+from jaxmerge import executor
 from jaxmerge.executor import balanced_block_rows
-from jaxmerge.leaves import LeafInfo
 from jaxmerge.plan import build_plan
 from jaxmerge.sources import ArraySource
 
@@ -239,19 +238,6 @@ def test_padding_slots_read_as_zeros_from_reused_buffers():
     for name in names:
         np.testing.assert_allclose(merged[name], experts[0][name] + experts[1][name] - base[name],
                                    rtol=1e-6, atol=1e-6)
-
-
-def test_merge_calls_compile_with_the_cpu_merge_options():
-    options = compile_options.merge_call_options("cpu")
-    assert options == compile_options.CPU_MERGE_CALL_OPTIONS  # this jaxlib knows them
-    assert compile_options.merge_call_options("gpu") == {}
-    fn = executor._compile_apply(jaxmerge.task_arithmetic(), LeafInfo.from_name("w", (3,)),
-                                 np.dtype(np.float32))
-    structs = (jax.random.key(0), np.zeros(1, np.uint32), np.zeros(1, np.int32),
-               np.ones((1, 3), np.float32), np.full((1, 2, 3), 2, np.float32), {}, {}, {})
-    merged, finite = fn(*structs)
-    np.testing.assert_array_equal(merged, np.full((1, 3), 3, np.float32))
-    assert finite.all()
 
 
 def test_a_program_not_yet_compiled_ahead_is_compiled_once_for_all_callers(monkeypatch):
