@@ -44,7 +44,7 @@ Array = jax.Array
 PyTree = Any
 
 
-class LeafContext(NamedTuple):
+class LeafContext:
     """Everything a piece may read for one leaf.
 
     Attributes:
@@ -52,7 +52,9 @@ class LeafContext(NamedTuple):
       base: the base tensor θ₀, ``f32[*shape]``.
       keys: one PRNG key per expert for this leaf, derived from the seed, the leaf's
         name and the expert index (METHODS.md §0), so masks never depend on
-        traversal order, batching or sharding.
+        traversal order, batching or sharding. May be given as a function returning
+        them: they are then derived where used, so a merge without randomness does
+        not trace the derivation (~10 ms per compiled call).
       extras: per-expert extra inputs by name, each ``f32[N, *shape]``.
       stats: finished statistics, keyed by :attr:`StatsPass.id` (whole-model ones,
         and this leaf's value of per-leaf ones).
@@ -63,17 +65,37 @@ class LeafContext(NamedTuple):
         call. Use :func:`route` with a name predicate instead.
     """
 
-    taus: Array
-    base: Array
-    keys: Array
-    extras: Mapping[str, Array]
-    stats: Mapping[int, PyTree]
-    row_offset: Array
-    info: LeafInfo
+    __slots__ = ("taus", "base", "_keys", "extras", "stats", "row_offset", "info")
+
+    def __init__(self, taus: Array, base: Array, keys: Array | Callable[[], Array],
+                 extras: Mapping[str, Array], stats: Mapping[int, PyTree], row_offset: Array,
+                 info: LeafInfo):
+        self.taus = taus
+        self.base = base
+        self._keys = keys
+        self.extras = extras
+        self.stats = stats
+        self.row_offset = row_offset
+        self.info = info
+
+    @property
+    def keys(self) -> Array:
+        # Derived at each use, in the trace that uses them (never a cached tracer).
+        return self._keys() if callable(self._keys) else self._keys
 
     @property
     def num_experts(self) -> int:
         return self.taus.shape[0]
+
+    def _replace(self, **changes) -> LeafContext:
+        """A copy with the given attributes replaced (a NamedTuple's ``_replace``)."""
+        fields = {"taus": self.taus, "base": self.base, "keys": self._keys,
+                  "extras": self.extras, "stats": self.stats, "row_offset": self.row_offset,
+                  "info": self.info}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"LeafContext has no field(s) {sorted(unknown)}")
+        return LeafContext(**{**fields, **changes})
 
 
 _pass_ids = itertools.count()

@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -123,7 +124,7 @@ def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, row_offset, base, e
                   global_stats, leaf_stats):
     base32 = base.astype(jnp.float32)
     taus = experts.astype(jnp.float32) - base32[None]
-    keys = derive_keys(root_key, leaf_hash, experts.shape[0])
+    keys = functools.partial(derive_keys, root_key, leaf_hash, experts.shape[0])  # where used
     extras32 = {name: value.astype(jnp.float32) for name, value in extras.items()}
     stats = {**global_stats, **leaf_stats}
     return LeafContext(taus, base32, keys, extras32, stats, row_offset, merge_info)

@@ -8,6 +8,7 @@ experts and leaves, and that a leaf's mask depends only on (seed, name, expert).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxmerge
 from jaxmerge import ops
@@ -149,3 +150,38 @@ def test_uniform_bits_are_uniform_and_uncorrelated_between_neighbours():
     block = np.asarray(jax.jit(ops.uniform_bits, static_argnums=1)(jax.random.key(5), (20, 512),
                                                                     100))
     np.testing.assert_array_equal(block, bits[100:120])
+
+
+def test_keys_are_derived_only_by_merges_that_use_them(monkeypatch):
+    """``LeafContext.keys`` is derived where a piece reads it: task arithmetic's compiled
+    calls never trace the derivation, DARE's do, and its masks are unchanged."""
+    from jaxmerge import executor
+
+    rng = np.random.default_rng(5)
+    base = {"model.layers.0.mlp.up_proj.weight": rng.normal(size=(6, 8)).astype(np.float32)}
+    experts = [{k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in base.items()}
+               for _ in range(2)]
+    expected = jaxmerge.merge(jaxmerge.dare_linear(0.5), base, experts, key=3)
+    derivations = []
+    real = executor.derive_keys
+    monkeypatch.setattr(executor, "derive_keys",
+                        lambda *args: (derivations.append(args[2]), real(*args))[1])
+    jaxmerge.merge(jaxmerge.task_arithmetic(), base, experts, key=3)
+    assert derivations == []
+    again = jaxmerge.merge(jaxmerge.dare_linear(0.5), base, experts, key=3)
+    assert derivations and set(derivations) == {2}
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(expected[name]))
+
+
+def test_leaf_context_replace_keeps_the_other_fields():
+    info = LeafInfo.from_name("model.layers.0.mlp.up_proj.weight", (2, 3))
+    calls = []
+    ctx = LeafContext(jnp.ones((2, 2, 3)), jnp.zeros((2, 3)), lambda: calls.append(1) or 7,
+                      {}, {}, jnp.int32(0), info)
+    other = ctx._replace(taus=jnp.zeros((2, 2, 3)))
+    assert other.base is ctx.base and other.info is info and not calls
+    assert other.keys == 7 and calls == [1]
+    assert ctx._replace(keys=5).keys == 5
+    with pytest.raises(TypeError):
+        ctx._replace(nothing=1)
