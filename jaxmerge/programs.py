@@ -16,6 +16,11 @@ JAX's tracing configuration. Whatever fails (an unreadable entry, a program JAX
 cannot export) falls back to tracing as usual. A program is run from its exported
 module whether it was just exported or loaded, so a run that fills the cache and the
 runs that read it compute the same bits.
+
+Lowering a call of an exported module makes JAX initialise its CPU LAPACK kernels
+first, which imports ``scipy.linalg`` (~0.1 s of a 1.1 s warm task-arithmetic merge);
+:func:`lower_exported_without_lapack` skips that for modules that call no LAPACK
+kernel (every ``lapack_*`` target needs it: their modules still initialise it).
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class CachedProgram:
             except Exception as error:  # noqa: BLE001 - not exportable: trace as usual
                 logger.info("program cache: %s not stored (%s)", self._label, error)
                 return fn
+        lower_exported_without_lapack()
         return jax.jit(exported.call)
 
     def trace(self, *args):
@@ -157,3 +163,38 @@ def environment() -> tuple | None:
 
     return (source.hexdigest(), jax.__version__, jaxlib.__version__, jax.default_backend(),
             jax.devices()[0].device_kind, settings)
+
+
+LAPACK_TARGET_PREFIX = b"lapack_"  # every custom call target of JAX's CPU LAPACK kernels
+_lowering = threading.local()
+
+
+@functools.cache
+def lower_exported_without_lapack() -> bool:
+    """Has JAX skip the CPU LAPACK initialisation when it lowers a call of an exported
+    module whose serialized form names no ``lapack_*`` target (installed once, process
+    wide; such a module runs no LAPACK kernel, so nothing else changes). Returns
+    whether it applied: not where JAX's internals differ from what this expects."""
+    try:
+        from jax._src.export import _export
+        from jax._src.interpreters import mlir
+
+        rule, ensure = _export._call_exported_lowering, _export._ensure_backends_initialized
+        primitive = _export.call_exported_p
+    except (ImportError, AttributeError):
+        return False
+
+    def ensure_unless_lapack_free(platforms):
+        if not getattr(_lowering, "lapack_free", False):
+            ensure(platforms)
+
+    def lowering(ctx, *args, exported, **params):
+        _lowering.lapack_free = LAPACK_TARGET_PREFIX not in exported.mlir_module_serialized
+        try:
+            return rule(ctx, *args, exported=exported, **params)
+        finally:
+            _lowering.lapack_free = False
+
+    _export._ensure_backends_initialized = ensure_unless_lapack_free
+    mlir.register_lowering(primitive, lowering)
+    return True

@@ -327,14 +327,14 @@ def _swept_leaves(monkeypatch) -> list[tuple[str, set]]:
 
 @pytest.mark.parametrize("scope", ["per_tensor", "global"])
 def test_sparse_task_vectors_settle_the_ties_threshold_in_one_pass(monkeypatch, scope):
-    """With ≥ 1 − k of the entries exactly zero (RL updates) the radix select's first level
-    lands on the zero bin: the threshold is 0 and its second pass reads nothing."""
+    """With more than d − ⌊d·k⌋ of the entries exactly zero (RL updates) the count of
+    zeros settles the threshold at 0: neither radix pass reads anything."""
     base, experts, taus = make_models(3, seed=14, sparse=0.9)
     swept = _swept_leaves(monkeypatch)
     merged = jaxmerge.merge(jaxmerge.ties(0.2, scope=scope), base, experts, chunk_bytes=1)
     descriptions = [description for description, _ in swept]
-    assert any("threshold" in d and "(1/2)" in d for d in descriptions), descriptions
-    assert not any("(2/2)" in d for d in descriptions), descriptions
+    assert any("threshold" in d and "(zeros)" in d for d in descriptions), descriptions
+    assert not any("(1/2)" in d or "(2/2)" in d for d in descriptions), descriptions
     if scope == "global":
         names = list(taus)
         expected = dict(zip(names, ref.ties_global([taus[k] for k in names], density=0.2,
@@ -345,20 +345,23 @@ def test_sparse_task_vectors_settle_the_ties_threshold_in_one_pass(monkeypatch, 
     assert_merge({k: np.asarray(v) for k, v in merged.items()}, base, expected)
 
 
-def test_only_unsettled_leaves_are_read_by_the_second_radix_pass(monkeypatch):
-    """One leaf sparse (threshold 0, settled after the first pass), the others dense:
-    the second pass reads the dense ones alone, and all equal the reference."""
+def test_only_unsettled_leaves_are_read_by_the_radix_passes(monkeypatch):
+    """One leaf sparse in every expert (threshold 0, settled by the count of zeros), one
+    sparse in one expert only (not settled: every expert's threshold must be 0), the
+    others dense: the radix passes read all but the first, and all equal the reference."""
     base, experts, taus = make_models(2, seed=15)
-    sparse_name = "model.embed_tokens.weight"
+    sparse_name, half_name = "model.embed_tokens.weight", ONE
     rng = np.random.default_rng(0)
-    for t, expert in enumerate(experts):
-        keep = rng.random(base[sparse_name].shape) < 0.1
-        expert[sparse_name] = np.where(keep, expert[sparse_name], base[sparse_name])
-        taus[sparse_name][t] = expert[sparse_name].astype(np.float64) - base[sparse_name]
+    for name, sparse_experts in [(sparse_name, (0, 1)), (half_name, (0,))]:
+        for t in sparse_experts:
+            keep = rng.random(base[name].shape) < 0.1
+            experts[t][name] = np.where(keep, experts[t][name], base[name])
+            taus[name][t] = experts[t][name].astype(np.float64) - base[name]
     swept = _swept_leaves(monkeypatch)
     merged = jaxmerge.merge(jaxmerge.ties(0.2), base, experts, chunk_bytes=1)
-    second = [leaves for description, leaves in swept if "(2/2)" in description]
-    assert second == [set(base) - {sparse_name}], swept
+    for radix_pass in ("(1/2)", "(2/2)"):
+        read = [leaves for description, leaves in swept if radix_pass in description]
+        assert read == [set(base) - {sparse_name}], swept
     expected = per_tensor(ref.ties, taus, density=0.2, scale=1.0, aggregation="mean",
                           scope="per_tensor")
     assert_merge({k: np.asarray(v) for k, v in merged.items()}, base, expected)

@@ -1,6 +1,8 @@
 """The traced-program cache (jaxmerge.programs): same bits, no tracing, safe keys."""
 
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -120,3 +122,36 @@ def test_environment_hashes_jaxmerge_source(tmp_path, monkeypatch):
     (package / "io" / "b.py").write_text("y = 3\n")
     changed = programs.environment.__wrapped__()
     assert changed[0] != first[0] and changed[1:] == first[1:]
+
+
+_LAPACK_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jaxmerge.programs import ProgramCache
+
+cache = ProgramCache(sys.argv[1], "lapack")
+double = cache.program(lambda: jax.jit(lambda x: 2 * x), "double")
+assert float(double(jnp.ones(3))[0]) == 2.0
+print("after double:", "scipy.linalg" in sys.modules)
+values = cache.program(lambda: jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=False)), "svd")
+a = np.diag([3.0, 2.0, 1.0]).astype(np.float32)
+print("singular values:", np.asarray(values(jnp.asarray(a))).tolist())
+"""
+
+
+def test_exported_programs_without_lapack_calls_do_not_load_it(tmp_path):
+    """Lowering an exported module initialises JAX's CPU LAPACK kernels (importing
+    scipy.linalg, ~0.1 s) only when the module calls one: a fresh process that runs a
+    cached elementwise program never loads it; a cached SVD still runs."""
+    from tests.subprocesses import ROOT, subprocess_env
+
+    def fresh_process():
+        done = subprocess.run([sys.executable, "-c", _LAPACK_SCRIPT, str(tmp_path)],
+                              capture_output=True, text=True, cwd=ROOT, env=subprocess_env(),
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    fresh_process()  # exports and stores both programs
+    assert len(entries(tmp_path)) == 2
+    assert fresh_process() == ["after double: False", "singular values: [3.0, 2.0, 1.0]"]

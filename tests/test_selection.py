@@ -1,8 +1,9 @@
 """Exact order statistics inside one leaf (``ops.kth_smallest_abs``).
 
-The selection bisects float32 bit patterns inside a bracket taken from a hashed
-sample; the sample is only used on arrays of more than ``4 * ops._SAMPLE``
-entries, so these tests use such arrays, and force the bracket's fallback.
+The selection sorts arrays of at most ``ops._SORT_SELECT_MAX`` entries; larger ones
+bisect float32 bit patterns, inside a bracket taken from a hashed sample when they
+have more than ``4 * ops._SAMPLE`` entries. The tests cover the three ways, and force
+the bracket's fallback.
 """
 
 import jax
@@ -16,7 +17,8 @@ from jaxmerge import ops
 from tests import numpy_reference as ref
 
 LARGE = (160, 128)  # 20480 entries > 4 * 4096: the sampled bracket is used
-SMALL = (7, 9)
+MEDIUM = (64, 100)  # 6400 entries: bisection over the whole range, no sample
+SMALL = (7, 9)  # sorted
 
 
 def expected_kth(x, rank):
@@ -48,7 +50,12 @@ def distributions(shape, seed=0):
     }
 
 
-@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "large"])
+def test_the_sizes_take_the_three_ways():
+    assert np.prod(SMALL) <= ops._SORT_SELECT_MAX < np.prod(MEDIUM) <= 4 * ops._SAMPLE
+    assert np.prod(LARGE) > 4 * ops._SAMPLE
+
+
+@pytest.mark.parametrize("shape", [SMALL, MEDIUM, LARGE], ids=["small", "medium", "large"])
 @pytest.mark.parametrize("name", list(distributions(SMALL)))
 def test_kth_smallest_abs_is_exact(shape, name):
     x = distributions(shape)[name]
