@@ -6,10 +6,11 @@ jittable ``(x, ctx) -> y`` step. Transforms map stacked task vectors
 Named methods (``jaxmerge.methods``) are chains of these pieces.
 
 Thresholds are exact order statistics on the float32 bit patterns (|x| ≥ 0
-orders like its uint32 bits), never a sort: inside one leaf, a sampled bracket
-and a bisection of counting passes (:func:`kth_smallest_abs`); over a leaf merged
-in row blocks or the whole model, a two-level radix select as two streaming
-statistics passes (:func:`high_bin_counts`, :func:`low_bin_counts`).
+orders like its uint32 bits): inside one leaf, a sort of a small leaf's bits, else a
+sampled bracket and a bisection of counting passes (:func:`kth_smallest_abs`); over
+a leaf merged in row blocks or the whole model, a count of exact zeros and, unless
+that settles it, a two-level radix select as two streaming statistics passes
+(:func:`high_bin_counts`, :func:`low_bin_counts`).
 """
 
 from __future__ import annotations
@@ -306,29 +307,30 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
     def high_partial(x, ctx):
         return _per_expert_histogram(high_bin_counts, x)
 
+    def first_level(keep_all, high, inner_rank):
+        """The first radix pass's statistic: each threshold's first-level bin and its
+        rank inside that bin ("rank" is host bookkeeping: float64 is exact to 2**53
+        entries; jit sees float32)."""
+        return {"keep_all": np.bool_(keep_all), "high": np.asarray(high, np.int32),
+                "rank": np.asarray(inner_rank, np.float64)}
+
     def high_settle(stats):
         zeros, entries = stats[zero_pass.id].T
-        experts = len(zeros)
+        nothing = np.zeros(len(zeros))
         rank = ties_rank(int(entries[0]), density)
         if rank is None:
-            return {"keep_all": np.bool_(True), "high": np.zeros(experts, np.int32),
-                    "rank": np.zeros(experts, np.float64)}
+            return first_level(True, nothing, nothing)
         if (zeros > rank).all():  # every threshold is 0: first-level bin 0, no second
-            return {"keep_all": np.bool_(False), "high": np.zeros(experts, np.int32),
-                    "rank": np.full(experts, rank, np.float64)}
+            return first_level(False, nothing, nothing + rank)
         return None
 
     def high_finalize(total, stats):
         total = np.asarray(total, np.int64)
         rank = ties_rank(int(total[0].sum()), density)
         experts = len(total)
-        # "rank" is host bookkeeping (float64 is exact to 2**53 entries; jit sees float32).
         if rank is None:
-            return {"keep_all": np.bool_(True), "high": np.zeros(experts, np.int32),
-                    "rank": np.zeros(experts, np.float64)}
-        high, inner_rank = select_bin(total, np.full(experts, rank, np.int64), xp=np)
-        return {"keep_all": np.bool_(False), "high": high.astype(np.int32),
-                "rank": inner_rank.astype(np.float64)}
+            return first_level(True, np.zeros(experts), np.zeros(experts))
+        return first_level(False, *select_bin(total, np.full(experts, rank, np.int64), xp=np))
 
     high_pass = stats_pass(high_partial, high_finalize, f"{label} (1/2)", per_leaf,
                            high_settle)
