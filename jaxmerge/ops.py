@@ -512,6 +512,15 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
     return Merge(apply, flat=lambda info: True)
 
 
+def _inverse_permutations(order):
+    """The inverse of each row's permutation ``order`` (int[R, L]): a scatter, which
+    XLA:CPU runs several times faster than the second ``argsort`` it replaces."""
+    rows, length = order.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=order.dtype), order.shape)
+    row_index = jnp.broadcast_to(jnp.arange(rows, dtype=order.dtype)[:, None], order.shape)
+    return jnp.zeros_like(order).at[row_index, order].set(positions, unique_indices=True)
+
+
 def della_keep_probabilities(x, density: float, epsilon: float):
     """DELLA MagPrune keep probabilities for one task vector, per row.
 
@@ -523,7 +532,8 @@ def della_keep_probabilities(x, density: float, epsilon: float):
     length = rows.shape[1]
     if length == 1:
         return jnp.full(x.shape, density, jnp.float32)
-    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1, stable=True), axis=1, stable=True)
+    order = jnp.argsort(jnp.abs(rows), axis=1, stable=True)
+    ranks = _inverse_permutations(order)
     normalized = ranks.astype(jnp.float32) / jnp.float32(length - 1)
     probabilities = jnp.float32(density - epsilon) + jnp.float32(2 * epsilon) * normalized
     return probabilities.reshape(x.shape)

@@ -163,6 +163,17 @@ def test_della_given_masks(n):
     assert_merge(merged, base, deltas, rtol=1e-5)
 
 
+def test_della_ranks_break_ties_by_position():
+    """Many equal magnitudes (bf16-like task vectors, zeros): the ranks behind DELLA's keep
+    probabilities are those of a stable sort, as in the reference."""
+    rng = np.random.default_rng(61)
+    tau = (np.round(rng.normal(size=(7, 40)) * 2) / 4 * (rng.random((7, 40)) < 0.5))
+    got = np.asarray(jax.jit(lambda x: ops.della_keep_probabilities(x, 0.4, 0.15))(
+        tau.astype(np.float32)))
+    np.testing.assert_allclose(got, ref.della_keep_probs(tau, density=0.4, epsilon=0.15),
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("n,t", [(1, 0.3), (2, 0.5), (2, 0.0), (1, 1.0)])
 def test_slerp(n, t):
     base, experts, taus = make_models(n, seed=70 + n, spread=0.5)
