@@ -513,8 +513,9 @@ def breadcrumbs_mask(density: float = 0.2, gamma: float = 0.01) -> Merge:
 
 
 def _inverse_permutations(order):
-    """The inverse of each row's permutation ``order`` (int[R, L]): a scatter, which
-    XLA:CPU runs several times faster than the second ``argsort`` it replaces."""
+    """The inverse of each row's permutation ``order`` (int[R, L]), by a scatter instead
+    of a second ``argsort``: DELLA's probabilities of a 3 × 1536 × 576 leaf took 0.64 s
+    with two sorts, 0.37 s with one (XLA:CPU)."""
     rows, length = order.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=order.dtype), order.shape)
     row_index = jnp.broadcast_to(jnp.arange(rows, dtype=order.dtype)[:, None], order.shape)
