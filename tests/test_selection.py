@@ -72,9 +72,9 @@ def test_sample_positions_are_distinct_and_in_range():
 
 
 def bracket(x, rank):
-    bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(x)), jnp.int32).ravel()
+    bits = jax.lax.bitcast_convert_type(jnp.abs(jnp.asarray(x)), jnp.int32).reshape(1, -1)
     lo, hi = jax.jit(ops._bracket)(bits, jnp.int32(rank))
-    return int(lo), int(hi)
+    return int(lo[0]), int(hi[0])
 
 
 def as_bits(value):
@@ -116,6 +116,16 @@ def test_traced_ranks_under_vmap():
     got = jax.jit(jax.vmap(ops.kth_smallest_abs))(jnp.asarray(stack), jnp.asarray(ranks))
     for i, rank in enumerate(ranks):
         assert float(got[i]) == expected_kth(stack[i], rank)
+
+
+@pytest.mark.parametrize("shape", [SMALL, MEDIUM, LARGE], ids=["small", "medium", "large"])
+def test_rows_bisect_together_and_each_stays_exact(shape):
+    """One loop for all rows: a row resolved at once (mostly zeros) keeps its answer
+    while the dense rows go on bisecting."""
+    rows = np.stack(list(distributions(shape, seed=7).values()))
+    for rank in sorted({0, ops.ties_rank(rows[0].size, 0.2), rows[0].size - 1}):
+        got = np.asarray(jax.jit(ops.kth_smallest_abs_rows)(jnp.asarray(rows), rank))
+        np.testing.assert_array_equal(got, [expected_kth(row, rank) for row in rows])
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.9], ids=["dense", "90% zeros"])
