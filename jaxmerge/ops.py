@@ -317,30 +317,23 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
     def high_partial(x, ctx):
         return _per_expert_histogram(high_bin_counts, x)
 
-    def first_level(keep_all, high, inner_rank):
+    def first_level(high, inner_rank):
         """The first radix pass's statistic: each threshold's first-level bin and its
         rank inside that bin ("rank" is host bookkeeping: float64 is exact to 2**53
-        entries; jit sees float32)."""
-        return {"keep_all": np.bool_(keep_all), "high": np.asarray(high, np.int32),
-                "rank": np.asarray(inner_rank, np.float64)}
+        entries; jit sees float32). Bin 0 is a threshold of exactly 0."""
+        return {"high": np.asarray(high, np.int32), "rank": np.asarray(inner_rank, np.float64)}
 
     def high_settle(stats):
         zeros, entries = stats[zero_pass.id].T
-        nothing = np.zeros(len(zeros))
         rank = ties_rank(int(entries[0]), density)
-        if rank is None:
-            return first_level(True, nothing, nothing)
-        if (zeros > rank).all():  # every threshold is 0: first-level bin 0, no second
-            return first_level(False, nothing, nothing + rank)
+        if rank is None or (zeros > rank).all():  # every threshold is 0 (None: keep all)
+            return first_level(np.zeros(len(zeros)), np.full(len(zeros), rank or 0))
         return None
 
-    def high_finalize(total, stats):
+    def high_finalize(total, stats):  # only unsettled: rank is not None
         total = np.asarray(total, np.int64)
         rank = ties_rank(int(total[0].sum()), density)
-        experts = len(total)
-        if rank is None:
-            return first_level(True, np.zeros(experts), np.zeros(experts))
-        return first_level(False, *select_bin(total, np.full(experts, rank, np.int64), xp=np))
+        return first_level(*select_bin(total, np.full(len(total), rank, np.int64), xp=np))
 
     high_pass = stats_pass(high_partial, high_finalize, f"{label} (1/2)", per_leaf,
                            high_settle)
@@ -356,7 +349,7 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
 
     def low_settle(stats):
         first = stats[high_pass.id]
-        if first["keep_all"] or not first["high"].any():  # every threshold is exactly 0
+        if not first["high"].any():  # every threshold is exactly 0
             return np.zeros(len(first["high"]), np.float32)
         return None
 
