@@ -129,13 +129,6 @@ class StatsPass(NamedTuple):
         pass, ``stats_so_far`` is one leaf's view and only the unsettled leaves are
         read), else None. Say, a radix select whose first level already landed on a
         single value.
-      depends: per-leaf passes only, optional: ``(x, ctx) -> int32`` count of the
-        entries whose merged value depends on the statistic (a zero-sign majority
-        matters only where the signs cancel). With it the executor may merge the
-        segments of a leaf *before* the statistic is known, each piece computing its
-        stand-in as for a whole leaf, summing the partials as it goes, and redo just
-        the segments whose count is non-zero: one sweep instead of two, and no pass
-        program to compile.
     """
 
     id: int
@@ -145,17 +138,13 @@ class StatsPass(NamedTuple):
     description: str = "statistics"
     per_leaf: bool = False
     settle: Callable[[Mapping[int, PyTree]], PyTree | None] = _unsettled
-    depends: Callable[[Array, LeafContext], Array] | None = None
 
 
 def stats_pass(partial, finalize, description="statistics", per_leaf=False,
-               settle=None, depends=None) -> StatsPass:
-    """Creates a :class:`StatsPass` with a fresh id (``settle``, ``depends``: see
-    :class:`StatsPass`)."""
-    if depends is not None and not per_leaf:
-        raise ConfigError("only a per-leaf statistics pass can be deferred (depends=)")
+               settle=None) -> StatsPass:
+    """Creates a :class:`StatsPass` with a fresh id (``settle``: see :class:`StatsPass`)."""
     return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description, per_leaf,
-                     _unsettled if settle is None else settle, depends)
+                     _unsettled if settle is None else settle)
 
 
 def _no_choice(info: LeafInfo) -> Hashable:
@@ -253,9 +242,7 @@ def chain(*pieces: Merge) -> Merge:
     for index, piece in enumerate(pieces):
         prefix = pieces[:index]
         for inner in piece.passes:
-            depends = None if inner.depends is None else _after(prefix, inner.depends)
-            passes.append(inner._replace(partial=_after(prefix, inner.partial),
-                                         depends=depends))
+            passes.append(inner._replace(partial=_after(prefix, inner.partial)))
 
     return Merge(
         apply=apply,
@@ -268,15 +255,14 @@ def chain(*pieces: Merge) -> Merge:
     )
 
 
-def _after(prefix: tuple[Merge, ...], statistic):
-    """``statistic(x, ctx)`` of the value the ``prefix`` pieces make of ``x``."""
+def _after(prefix: tuple[Merge, ...], partial):
     if not prefix:
-        return statistic
+        return partial
 
     def wrapped(x, ctx):
         for piece in prefix:
             x = piece.apply(x, ctx)
-        return statistic(x, ctx)
+        return partial(x, ctx)
 
     return wrapped
 

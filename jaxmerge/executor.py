@@ -14,12 +14,8 @@ summing per-leaf partials on the host in 64-bit.
 
 Merges that give the same values on a flattened leaf (``Merge.flat``) take leaves
 of one size, whatever their shape, in one program; large leaves of such a merge that
-is also row-wise are cut into segments of one entry count first
-(:attr:`Executor.segment_entries`), so one program serves them all. A per-leaf
-statistic that decides only a few entries (:attr:`StatsPass.depends`, e.g. TIES's
-majority sign where the signs cancel) is then not a pass of its own: segments are
-merged with a stand-in, their partials summed as they go, and only the segments
-that depend on it are merged again once it is known.
+is also row-wise and needs no statistic are cut into segments of one entry count
+first (:attr:`Executor.segment_entries`), so one program serves them all.
 
 Over a device mesh (``mesh=``; see :mod:`jaxmerge.distributed`) the chunk budget is
 per device and each chunk takes one of two strategies: *leaf-parallel*, the stacked
@@ -115,9 +111,6 @@ class RunReport:
     row_sharded_chunks: int = 0
     settled_passes: int = 0
     """Statistics (per-leaf: one per leaf) that earlier passes settled, with nothing read."""
-    redone_segments: int = 0
-    """Segments merged again once their deferred statistic was known
-    (:attr:`~jaxmerge.algebra.StatsPass.depends`)."""
     stats: dict = dataclasses.field(default_factory=dict)
 
 
@@ -169,12 +162,7 @@ def _finite_flags(base, experts, extras):
     return jnp.concatenate(flags)
 
 
-def _apply_one(merge: Merge, info: LeafInfo, out_dtype, deferred: StatsPass | None = None):
-    """The merge of one leaf: (merged values, finiteness flags); with a ``deferred``
-    pass (a speculative call: see :attr:`StatsPass.depends`) also its partial and its
-    count of entries that depend on the statistic, on the same task vectors (XLA
-    computes the shared prefix, e.g. DARE's masks, once)."""
-
+def _apply_one(merge: Merge, info: LeafInfo, out_dtype):
     def one(*args):
         # Flags first, then a barrier: without it XLA:CPU fuses the flag reductions
         # with the merge's elementwise work into one loop nest that runs ~20× slower
@@ -183,17 +171,13 @@ def _apply_one(merge: Merge, info: LeafInfo, out_dtype, deferred: StatsPass | No
         flags, args = lax.optimization_barrier((flags, args))
         ctx = _leaf_context(info, *args)
         delta = merge.apply(ctx.taus, ctx)
-        merged = (ctx.base + delta).astype(out_dtype)
-        if deferred is None:
-            return merged, flags
-        return merged, flags, deferred.partial(ctx.taus, ctx), deferred.depends(ctx.taus, ctx)
+        return (ctx.base + delta).astype(out_dtype), flags
 
     return one
 
 
-def _compile_apply(merge: Merge, info: LeafInfo, out_dtype,
-                   deferred: StatsPass | None = None):
-    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype, deferred), in_axes=_IN_AXES))
+def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
+    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES))
 
 
 def _pass_one(stats_pass: StatsPass, info: LeafInfo):
@@ -241,9 +225,6 @@ def _with_key(fn, key_impl):
 
     return call
 
-
-APPLY, SPECULATE, REDO = "apply", "speculate", "redo"
-"""Kinds of merge call (:attr:`_Chunk.kind`)."""
 
 LEAVES = "leaves"
 """Leaf-parallel strategy: a chunk's stacked leaves (or row blocks) split over the devices."""
@@ -298,15 +279,12 @@ class _Chunk:
 
     ``slots`` has the chunk's fixed size; None marks padding. ``strategy``: None on one
     device, LEAVES or ROWS over a mesh. ``flat``: the leaves (of one size, any shapes)
-    are merged flattened to one dimension (see :attr:`Merge.flat`). ``kind`` of merge
-    call: APPLY, SPECULATE (segments whose statistic is deferred, see
-    :attr:`StatsPass.depends`) or REDO (those of them merged again with it).
+    are merged flattened to one dimension (see :attr:`Merge.flat`).
     """
 
     slots: list[LeafPlan | None]
     strategy: str | None = None
     flat: bool = False
-    kind: str = APPLY
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -433,9 +411,7 @@ class Executor:
                     group = [leaf for leaf in group if applies(leaf.info)]
                 if not group or (only_blocks and group[0].block is None):
                     continue
-                kind = (SPECULATE if any(leaf.block and leaf.name in self._deferred
-                                         for leaf in group) else APPLY)
-                chunks.extend(dataclasses.replace(chunk, flat=flat, kind=kind)
+                chunks.extend(dataclasses.replace(chunk, flat=flat)
                               for chunk in self._group_chunks(group))
         return chunks
 
@@ -459,24 +435,17 @@ class Executor:
         """Whether ``leaf`` may be merged in flat segments: one device, a merge that is
         flat and row-wise there with no statistics pass over it (a segment's values are
         then those of its entries in the whole flattened leaf), and a size whose entry
-        offsets fit the int32 the compiled call takes."""
+        offsets fit the int32 the compiled call takes.
+
+        (A per-leaf statistic that a whole leaf computes in its own call, such as
+        DARE-TIES's majority sign, would need a pass over the segments. Tried: merging
+        them with a stand-in and again only where the signs cancel; on bf16 task
+        vectors they cancel in most segments, and first runs were no faster.)"""
         info = leaf.info
-        passes = self._passes_over(info)
         return (self.mesh is None and info.ndim >= 1
                 and SEGMENT_MIN_ENTRIES <= math.prod(info.shape) < 2**31
                 and self.merge.flat(info) and self.merge.rowwise(info)
-                and (not passes or (len(passes) == 1 and passes[0].depends is not None)))
-
-    def _passes_over(self, info: LeafInfo) -> list[StatsPass]:
-        return [stats_pass for stats_pass in self.merge.passes if stats_pass.applies(info)]
-
-    @functools.cached_property
-    def _deferred(self) -> dict[str, StatsPass]:
-        """{leaf name: its one per-leaf pass} for the leaves merged in segments before
-        that statistic is known (see :attr:`StatsPass.depends`)."""
-        return {leaf.name: self._passes_over(leaf.info)[0]
-                for leaves in self.plan.groups.values() for leaf in leaves
-                if self._passes_over(leaf.info) and len(self._segments(leaf)) > 1}
+                and not any(stats_pass.applies(info) for stats_pass in self.merge.passes))
 
     @functools.cached_property
     def segment_entries(self) -> int | None:
@@ -763,7 +732,7 @@ class Executor:
             return []
         with_stats = {leaf.name for stats_pass in self.merge.passes
                       for chunk in self._chunks(stats_pass.applies, only_blocks=True)
-                      for leaf in chunk.leaves} - set(self._deferred)
+                      for leaf in chunk.leaves}
         return [chunk for chunk in chunks
                 if not any(leaf.name in with_stats for leaf in chunk.leaves)]
 
@@ -796,7 +765,7 @@ class Executor:
         need per-leaf statistics); a leaf whose statistic the earlier passes settle
         (:attr:`StatsPass.settle`) is not read."""
         names = {leaf.name for chunk in self._chunks(stats_pass.applies, only_blocks=True)
-                 for leaf in chunk.leaves} - set(self._deferred)  # (found while merging)
+                 for leaf in chunk.leaves}
         results = _PerLeaf()
         for name in sorted(names):
             value = stats_pass.settle(self._leaf_view(stats, name))
@@ -805,7 +774,7 @@ class Executor:
         self.report.settled_passes += len(results)
         if len(results) == len(names):
             return results
-        chunks = self._chunks(lambda info: info.name in names and info.name not in results,
+        chunks = self._chunks(lambda info: stats_pass.applies(info) and info.name not in results,
                               only_blocks=True)
         totals = self._pass_totals(stats_pass, chunks, label, stats)
         results.update({name: stats_pass.finalize(total, self._leaf_view(stats, name))
@@ -849,8 +818,7 @@ class Executor:
 
     def _compile_apply(self, info: LeafInfo, out_dtype, chunk: _Chunk):
         if chunk.strategy is None:
-            deferred = self._passes_over(info)[0] if chunk.kind == SPECULATE else None
-            return _compile_apply(self.merge, info, out_dtype, deferred)
+            return _compile_apply(self.merge, info, out_dtype)
         return _compile_apply_global(self.merge, info, out_dtype, self.mesh, chunk.strategy,
                                      jax.random.key_impl(self.key))
 
@@ -902,8 +870,7 @@ class Executor:
     def _leaf_view(stats: dict, name: str) -> dict:
         """The statistics one leaf sees: whole-model values and its per-leaf values."""
         return {key: value[name] if isinstance(value, _PerLeaf) else value
-                for key, value in stats.items()
-                if not isinstance(value, _PerLeaf) or name in value}
+                for key, value in stats.items()}
 
     def _call_args(self, chunk: _Chunk, arrays, stats: dict) -> tuple:
         """Arguments of a compiled call: per-leaf statistics stacked over the chunk."""
@@ -946,45 +913,30 @@ class Executor:
                 1, thread_name_prefix="jaxmerge-write") as pool:
             def call_of(chunk, arrays):
                 out_dtype = chunk.leaves[0].out_dtype
-                fn = self._compiled_fn(chunk.kind, chunk,
+                fn = self._compiled_fn("apply", chunk,
                                        lambda info, d=out_dtype, c=chunk: self._compile_apply(
                                            info, d, c))
                 return fn, self._call_args(chunk, arrays, stats)
 
             pending = None
-            deferred = _Deferred()
             chunks = self._chunks()
             with self._compiling_ahead(call_of) as ahead:
                 ahead.submit(self._free_of_stats(chunks))  # compiled while the passes run
                 stats.update(self.compute_stats())
-                for sweep in range(2):  # the second redoes the segments that need it
-                    ahead.submit(chunks)
-                    label = "merge" if not sweep else "merge: segments redone with their statistics"
-                    for chunk, results in _launched(self._stream(chunks, label),
-                                                    ahead.launch, self.compute_threads,
-                                                    self._release):
-                        computed = time.perf_counter()
-                        merged, finite = results[:2]
-                        self._check_finite(chunk, distributed.local_value(finite))
-                        pieces = self._local_pieces(chunk, merged)
-                        if chunk.kind == SPECULATE:
-                            held = deferred.record(chunk, self._deferred, *results[2:])
-                            pieces = [piece for piece in pieces if id(piece[0]) not in held]
-                        waited = time.perf_counter()
-                        self.report.compute_seconds += waited - computed
-                        if pending is not None:
-                            pending.result()
-                        self.report.write_wait_seconds += time.perf_counter() - waited
-                        pending = pool.submit(self._write_pieces, write, pieces, aliases)
-                        self._count_chunk(chunk)
-                    if sweep or not deferred.redo:
-                        break
-                    for name, total in deferred.totals.items():
-                        stats_pass = self._deferred[name]
-                        stats.setdefault(stats_pass.id, _PerLeaf())[name] = stats_pass.finalize(
-                            total, self._leaf_view(stats, name))
-                    chunks = self._redo_chunks(deferred.redo)
-                    self.report.redone_segments = len(deferred.redo)
+                ahead.submit(chunks)
+                for chunk, (merged, finite) in _launched(self._stream(chunks, "merge"),
+                                                         ahead.launch, self.compute_threads,
+                                                         self._release):
+                    computed = time.perf_counter()
+                    self._check_finite(chunk, distributed.local_value(finite))
+                    pieces = self._local_pieces(chunk, merged)
+                    waited = time.perf_counter()
+                    self.report.compute_seconds += waited - computed
+                    if pending is not None:
+                        pending.result()
+                    self.report.write_wait_seconds += time.perf_counter() - waited
+                    pending = pool.submit(self._write_pieces, write, pieces, aliases)
+                    self._count_chunk(chunk)
             if pending is not None:
                 pending.result()
             for index, leaf in enumerate(self.plan.leaves):
@@ -997,15 +949,6 @@ class Executor:
                         self._write_tail(write, name, leaf)
         self.report.seconds = time.perf_counter() - start
         return self.report
-
-    def _redo_chunks(self, segments: list[LeafPlan]) -> list[_Chunk]:
-        """Chunks of the segments merged again, now that their statistics are known."""
-        groups: dict = {}
-        for leaf in segments:
-            key = (math.prod(leaf.info.shape), leaf.info.dtype, self.merge.choose(leaf.info))
-            groups.setdefault(key, []).append(leaf)
-        return [dataclasses.replace(chunk, flat=True, kind=REDO)
-                for group in groups.values() for chunk in self._group_chunks(group)]
 
     def _local_pieces(self, chunk: _Chunk, merged) -> list[tuple[LeafPlan, np.ndarray, tuple]]:
         """(leaf, values, rows) of the merged output that this process holds.
@@ -1138,7 +1081,7 @@ class _Ahead:
     def submit(self, chunks: list[_Chunk]) -> None:
         """Queues the call of each chunk whose shape is new (in order of first use)."""
         for chunk in chunks:
-            shape = (*self._executor._program_key(chunk), chunk.size, chunk.kind)
+            shape = (*self._executor._program_key(chunk), chunk.size)
             if chunk.strategy is not None or shape in self._shapes:
                 continue  # (same key and size: same function and argument shapes)
             self._shapes.add(shape)
@@ -1235,32 +1178,6 @@ def _widen(value):
     if np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
         return value.astype(np.int64)
     return value.astype(np.float64)
-
-
-class _Deferred:
-    """What the speculative calls of a merge sweep found: per leaf, the summed partials
-    of its deferred statistic; the segments that depend on it, to merge again."""
-
-    def __init__(self):
-        self.totals: dict = {}
-        self.redo: list[LeafPlan] = []
-
-    def record(self, chunk: _Chunk, deferred: Mapping[str, StatsPass], partials,
-               depends) -> set[int]:
-        """Takes one speculative call's per-slot partials and dependent-entry counts;
-        returns the ids of the segments held back (merged again later). A whole leaf
-        in the chunk computed its own statistic: final."""
-        partials = jax.tree.map(lambda p: _widen(np.asarray(p)), partials)
-        depends = np.asarray(depends)
-        held = set()
-        for i, leaf in enumerate(chunk.slots):
-            if leaf is None or leaf.block is None or leaf.name not in deferred:
-                continue
-            _accumulate(self.totals, leaf.name, jax.tree.map(lambda p, i=i: p[i], partials))
-            if depends[i]:
-                held.add(id(leaf))
-                self.redo.append(leaf)
-        return held
 
 
 class _PerLeaf(dict):

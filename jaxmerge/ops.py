@@ -384,12 +384,8 @@ def elect_sign(scope: str = "per_tensor") -> Merge:
     def finalize(total, stats):
         return np.float32(np.sign(np.asarray(total, np.int64)))
 
-    def depends(x, ctx):  # entries whose signs cancel: the only ones the majority decides
-        return jnp.sum((expert_sum(x) == 0) & jnp.any(x != 0, axis=0), dtype=jnp.int32)
-
-    per_leaf = scope == "per_tensor"
     majority_pass = stats_pass(partial, finalize, f"TIES majority sign ({scope})",
-                               per_leaf=per_leaf, depends=depends if per_leaf else None)
+                               per_leaf=scope == "per_tensor")
 
     def apply(x, ctx):
         g = jnp.sign(expert_sum(x))

@@ -268,7 +268,7 @@ def test_a_program_not_yet_compiled_ahead_is_compiled_once_for_all_callers(monke
             pass
 
     class Chunk:
-        strategy, size, kind = None, 1, executor.APPLY
+        strategy, size = None, 1
 
         def ids(self):
             return ()
