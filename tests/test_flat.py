@@ -20,12 +20,12 @@ SHAPES = {  # three sizes; 768 and 16 each in several shapes and module families
 SIZES = {int(np.prod(shape)) for shape in SHAPES.values()}
 
 
-def models(n=3, seed=0):
+def models(n=3, seed=0, shapes=SHAPES, density=0.4):
     """bf16-like sparse task vectors: many equal magnitudes (ties' tie-breaks matter)."""
     rng = np.random.default_rng(seed)
-    base = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     experts = [{k: v + (np.round(rng.normal(size=v.shape) * 8) / 64
-                        * (rng.random(v.shape) < 0.4)).astype(np.float32)
+                        * (rng.random(v.shape) < density)).astype(np.float32)
                 for k, v in base.items()} for _ in range(n)]
     return base, experts
 

@@ -7,9 +7,10 @@ import pytest
 
 import jaxmerge
 from jaxmerge import executor, methods
-from jaxmerge.algebra import Merge
 from jaxmerge.plan import build_plan
 from jaxmerge.sources import ArraySource
+from tests.test_flat import models as flat_models
+from tests.test_flat import not_flat
 
 SHAPES = {  # large sizes 2**18 and 2**17 (gcd 2**17), in five shapes; rows of 256 or 1024
     "model.embed_tokens.weight": (2048, 256),
@@ -23,19 +24,8 @@ SHAPES = {  # large sizes 2**18 and 2**17 (gcd 2**17), in five shapes; rows of 2
 SEGMENT = 2**17
 
 
-def models(n=3, seed=0, density=0.3):
-    """Sparse bf16-like task vectors (many equal magnitudes, some exact cancellations)."""
-    rng = np.random.default_rng(seed)
-    base = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
-    experts = [{k: v + (np.round(rng.normal(size=v.shape) * 8) / 64
-                        * (rng.random(v.shape) < density)).astype(np.float32)
-                for k, v in base.items()} for _ in range(n)]
-    return base, experts
-
-
-def not_flat(merge: Merge) -> Merge:
-    """The same merge, each leaf merged whole in its own shape (no flat groups, no segments)."""
-    return merge._replace(flat=lambda info: False)
+def models(seed=0):
+    return flat_models(seed=seed, shapes=SHAPES, density=0.3)
 
 
 def run(merge, base, experts, chunk_bytes=executor.DEFAULT_CHUNK_BYTES, compute_threads=1):
