@@ -63,13 +63,15 @@ class LeafContext:
       info: static facts about the leaf (shape, family, ...). Do not branch on the
         name or layer inside ``apply``: leaves of one shape group share a compiled
         call. Use :func:`route` with a name predicate instead.
+      leaf_sum: ``count -> count`` of the whole leaf, set by the executor when the call
+        holds pieces of leaves (see :meth:`leaf_total`); None: a whole leaf.
     """
 
-    __slots__ = ("taus", "base", "_keys", "extras", "stats", "row_offset", "info")
+    __slots__ = ("taus", "base", "_keys", "extras", "stats", "row_offset", "info", "leaf_sum")
 
     def __init__(self, taus: Array, base: Array, keys: Array | Callable[[], Array],
                  extras: Mapping[str, Array], stats: Mapping[int, PyTree], row_offset: Array,
-                 info: LeafInfo):
+                 info: LeafInfo, leaf_sum: Callable[[Array], Array] | None = None):
         self.taus = taus
         self.base = base
         self._keys = keys
@@ -77,6 +79,14 @@ class LeafContext:
         self.stats = stats
         self.row_offset = row_offset
         self.info = info
+        self.leaf_sum = leaf_sum
+
+    def leaf_total(self, count: Array) -> Array:
+        """The whole leaf's value of a piece's int32 ``count`` (over the piece's entries):
+        summed over every piece of the leaf, in this call and in others. The executor
+        gives a leaf in pieces (segments, row blocks) only for statistics passes that
+        are ``in_call``; a whole leaf is its only piece, and its count is returned."""
+        return count if self.leaf_sum is None else self.leaf_sum(count)
 
     @property
     def keys(self) -> Array:
@@ -91,7 +101,7 @@ class LeafContext:
         """A copy with the given attributes replaced (a NamedTuple's ``_replace``)."""
         fields = {"taus": self.taus, "base": self.base, "keys": self._keys,
                   "extras": self.extras, "stats": self.stats, "row_offset": self.row_offset,
-                  "info": self.info}
+                  "info": self.info, "leaf_sum": self.leaf_sum}
         unknown = set(changes) - set(fields)
         if unknown:
             raise TypeError(f"LeafContext has no field(s) {sorted(unknown)}")
@@ -129,6 +139,13 @@ class StatsPass(NamedTuple):
         pass, ``stats_so_far`` is one leaf's view and only the unsettled leaves are
         read), else None. Say, a radix select whose first level already landed on a
         single value.
+      in_call: for a per-leaf pass whose partial is one int32 count (TIES's majority
+        sign): the piece that reads the statistic computes it inside its call when it
+        is missing from ``ctx.stats``, as a function of ``ctx.leaf_total(count)``, the
+        count of the whole leaf even when the call holds only pieces of it. The executor
+        then needs no pass over a leaf whose pieces share one call, and may cut leaves
+        into segments that share a compiled program (a leaf larger than one call gets
+        the count of its pieces elsewhere from a pass over that leaf alone).
     """
 
     id: int
@@ -138,13 +155,15 @@ class StatsPass(NamedTuple):
     description: str = "statistics"
     per_leaf: bool = False
     settle: Callable[[Mapping[int, PyTree]], PyTree | None] = _unsettled
+    in_call: bool = False
 
 
 def stats_pass(partial, finalize, description="statistics", per_leaf=False,
-               settle=None) -> StatsPass:
-    """Creates a :class:`StatsPass` with a fresh id (``settle``: see :class:`StatsPass`)."""
+               settle=None, in_call=False) -> StatsPass:
+    """Creates a :class:`StatsPass` with a fresh id (``settle``, ``in_call``: see
+    :class:`StatsPass`)."""
     return StatsPass(next(_pass_ids), partial, finalize, _everywhere, description, per_leaf,
-                     _unsettled if settle is None else settle)
+                     _unsettled if settle is None else settle, in_call)
 
 
 def _no_choice(info: LeafInfo) -> Hashable:

@@ -15,7 +15,11 @@ summing per-leaf partials on the host in 64-bit.
 Merges that give the same values on a flattened leaf (``Merge.flat``) take leaves
 of one size, whatever their shape, in one program; large leaves of such a merge that
 is also row-wise and needs no statistic are cut into segments of one entry count
-first (:attr:`Executor.segment_entries`), so one program serves them all.
+first (:attr:`Executor.segment_entries`), and its small leaves zero-padded into one,
+so one program serves them all. A per-leaf statistic that the call can count itself
+(``StatsPass.in_call``: DARE-TIES's majority sign) needs no pass: a leaf's pieces
+(segments, row blocks) go to one call, which sums the count over them; a leaf larger
+than a call gets the count of its pieces in other calls from a pass over it alone.
 
 Over a device mesh (``mesh=``; see :mod:`jaxmerge.distributed`) the chunk budget is
 per device and each chunk takes one of two strategies: *leaf-parallel*, the stacked
@@ -111,6 +115,9 @@ class RunReport:
     row_sharded_chunks: int = 0
     settled_passes: int = 0
     """Statistics (per-leaf: one per leaf) that earlier passes settled, with nothing read."""
+    in_call_leaves: int = 0
+    """Leaves merged in pieces (segments, row blocks) of one call that summed their
+    per-leaf statistic there (:attr:`~jaxmerge.algebra.StatsPass.in_call`): no pass."""
     stats: dict = dataclasses.field(default_factory=dict)
 
 
@@ -162,22 +169,57 @@ def _finite_flags(base, experts, extras):
     return jnp.concatenate(flags)
 
 
-def _apply_one(merge: Merge, info: LeafInfo, out_dtype):
+def _apply_one(merge: Merge, info: LeafInfo, out_dtype, pieces: bool = False):
+    """One slot's merge: ``(merged, finiteness flags)``. With ``pieces`` (vmapped over
+    :data:`_SLOTS`) the last two arguments are the slot's leaf id and the sum of the
+    partials of its leaf's pieces outside the call (:meth:`_Chunk.leaf_ids`), and
+    ``ctx.leaf_total`` sums over the slots of the same leaf, plus that."""
+
     def one(*args):
+        leaf_sum = None
+        if pieces:
+            *args, leaf_id, outside = args
+            leaf_sum = _leaf_sum_over_slots(leaf_id, outside)
         # Flags first, then a barrier: without it XLA:CPU fuses the flag reductions
         # with the merge's elementwise work into one loop nest that runs ~20× slower
         # (measured: 4.8 ms vs 0.9 ms per 3 × 1536 × 576 leaf for a plain mean).
         flags = _finite_flags(*args[3:6])
         flags, args = lax.optimization_barrier((flags, args))
-        ctx = _leaf_context(info, *args)
+        ctx = _leaf_context(info, *args)._replace(leaf_sum=leaf_sum)
         delta = merge.apply(ctx.taus, ctx)
         return (ctx.base + delta).astype(out_dtype), flags
 
     return one
 
 
+_SLOTS = "slots"
+"""The vmapped axis of a chunk call's slots, named so that pieces of a leaf can sum."""
+
+
+def _leaf_sum_over_slots(leaf_id, outside):
+    """``ctx.leaf_sum`` inside a call vmapped over :data:`_SLOTS`: an int32 count summed
+    over the slots whose leaf id is ``leaf_id``'s, plus ``outside`` (int32, exact)."""
+
+    def leaf_sum(value):
+        value = jnp.asarray(value)
+        if value.shape or value.dtype != jnp.int32:
+            raise JaxmergeError("ctx.leaf_total takes one int32 count per piece, got "
+                                f"{value.dtype}{list(value.shape)}")
+        same = lax.all_gather(leaf_id, _SLOTS) == leaf_id
+        parts = lax.all_gather(value, _SLOTS)
+        return jnp.sum(jnp.where(same, parts, 0), dtype=jnp.int32) + outside
+
+    return leaf_sum
+
+
 def _compile_apply(merge: Merge, info: LeafInfo, out_dtype):
     return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype), in_axes=_IN_AXES))
+
+
+def _compile_apply_pieces(merge: Merge, info: LeafInfo, out_dtype):
+    """The call of an ``in_call`` chunk: slots may hold several pieces of one leaf."""
+    return jax.jit(jax.vmap(_apply_one(merge, info, out_dtype, pieces=True),
+                            in_axes=(*_IN_AXES, 0, 0), axis_name=_SLOTS))
 
 
 def _pass_one(stats_pass: StatsPass, info: LeafInfo):
@@ -279,18 +321,21 @@ class _Chunk:
 
     ``slots`` has the chunk's fixed size; None marks padding. ``strategy``: None on one
     device, LEAVES or ROWS over a mesh. ``flat``: the leaves (of one size, any shapes)
-    are merged flattened to one dimension (see :attr:`Merge.flat`).
+    are merged flattened to one dimension (see :attr:`Merge.flat`). ``in_call``: pieces
+    of leaves whose per-leaf statistic (:attr:`Executor.in_call_pass`) is summed in the
+    call over the pieces of each leaf in it, plus those of its pieces in other chunks.
     """
 
     slots: list[LeafPlan | None]
     strategy: str | None = None
     flat: bool = False
+    in_call: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of each leaf as the compiled call sees it."""
-        shape = self.leaves[0].info.shape
-        return (math.prod(shape),) if self.flat else shape
+        first = self.leaves[0]
+        return (_slot_entries(first),) if self.flat else first.info.shape
 
     @property
     def size(self) -> int:
@@ -308,6 +353,65 @@ class _Chunk:
                           np.uint32)
         offsets = np.array([_first_row(leaf, self.flat) for leaf in self.slots], np.int32)
         return hashes, offsets
+
+    def leaf_ids(self) -> np.ndarray:
+        """Per slot: the first slot holding a piece of the same leaf (padding: itself)."""
+        first: dict[str, int] = {}
+        return np.array([first.setdefault(leaf.name, i) if leaf else i
+                         for i, leaf in enumerate(self.slots)], np.int32)
+
+
+def _slot_entries(leaf: LeafPlan) -> int:
+    """The entries a (piece of a) leaf takes in a flat chunk: its own, or a padded slot's."""
+    return leaf.padded or math.prod(leaf.info.shape)
+
+
+def _leaf_view(slot: np.ndarray, leaf: LeafPlan, zero_padding: bool = False) -> np.ndarray:
+    """The leaf's values in its chunk slot, in its shape (a flat slot reshaped), for an
+    input buffer (``zero_padding``: a padded slot's entries after the leaf's are
+    zeroed, since buffers are reused) or a result."""
+    if leaf.padded is None:
+        return slot.reshape(leaf.info.shape)
+    flat = slot.reshape(-1)
+    size = math.prod(leaf.info.shape)
+    if zero_padding:
+        flat[size:] = 0
+    return flat[:size].reshape(leaf.info.shape)
+
+
+def _covers(pieces: list[LeafPlan]) -> bool:
+    """Whether ``pieces`` (of one leaf) are all of it: the whole leaf, or row blocks
+    whose rows add up to its merged rows."""
+    if pieces[0].block is None:
+        return len(pieces) == 1
+    rows = sum(piece.block[1] - piece.block[0] for piece in pieces)
+    return rows == (pieces[0].rows or pieces[0].out_shape[0])
+
+
+def _packed(leaves: list[list[LeafPlan]], size: int) -> list[list[LeafPlan | None]]:
+    """Slots of chunks holding each leaf's pieces together, ``leaves`` each at most
+    ``size`` pieces: first-fit decreasing into chunks of one size between ``size`` / 2
+    and ``size``, the size that leaves the fewest padding slots (then the largest), since
+    every chunk of a program has the same number of slots. Deterministic."""
+    if not leaves:
+        return []
+    largest = max(len(pieces) for pieces in leaves)
+    order = sorted(range(len(leaves)), key=lambda i: -len(leaves[i]))  # stable
+
+    def bins(capacity: int) -> list[list[LeafPlan]]:
+        filled: list[list[LeafPlan]] = []
+        for i in order:
+            target = next((b for b in filled if len(b) + len(leaves[i]) <= capacity), None)
+            if target is None:
+                target = []
+                filled.append(target)
+            target.extend(leaves[i])
+        return filled
+
+    options = [(len(bins(capacity)) * capacity, -capacity)
+               for capacity in range(max(largest, (size + 1) // 2), size + 1)]
+    capacity = -min(options)[1]
+    return [chunk + [None] * (capacity - len(chunk)) for chunk in bins(capacity)]
 
 
 def _first_row(leaf: LeafPlan | None, flat: bool) -> int:
@@ -375,6 +479,7 @@ class Executor:
         self._devices = 1 if self.mesh is None else int(self.mesh.devices.size)
         self._process, self._processes = distributed.process_rank(self.mesh)
         self.report.devices = self._devices
+        self.in_call_pass = self._summed_in_call()
         if compute_threads is not None and int(compute_threads) < 1:
             raise JaxmergeError(f"compute threads must be >= 1, got {compute_threads}")
         self.compute_threads = (
@@ -385,15 +490,41 @@ class Executor:
 
     # -- planning chunks ---------------------------------------------------
 
-    def _input_entries(self, leaf: LeafPlan) -> int:
-        """Entries read for one leaf (or block): base, experts and their extra inputs."""
-        count = math.prod(leaf.info.shape) if leaf.info.shape else 1
+    def _summed_in_call(self) -> StatsPass | None:
+        """The per-leaf statistic that calls of pieces sum themselves
+        (:attr:`~jaxmerge.algebra.StatsPass.in_call`): the merge's last pass, when it is
+        per leaf and ``in_call``, on one device. (The last: no later pass reads it, since a
+        pass's call could not sum it over a leaf's pieces.)"""
+        passes = self.merge.passes
+        small = all(math.prod(leaf.info.shape) < 2**31 for leaf in self.plan.leaves)
+        if (self.mesh is None and small and passes and passes[-1].per_leaf
+                and passes[-1].in_call):  # (int32 counts)
+            return passes[-1]
+        return None
+
+    def _passes_over(self, info: LeafInfo) -> list[StatsPass]:
+        """The statistics passes that run over all of ``info``'s leaf (the one summed in
+        the call only runs over pieces in several calls)."""
+        return [stats_pass for stats_pass in self.merge.passes
+                if stats_pass is not self.in_call_pass and stats_pass.applies(info)]
+
+    def _sums_in_call(self, group: list[LeafPlan]) -> bool:
+        """Whether a group's calls sum the in-call statistic: its leaves are read in pieces
+        (row blocks, segments), which a whole-leaf computation in the call would not see.
+        (Leaves of a group share their routing choice, so the pass applies to all or none.)"""
+        return (self.in_call_pass is not None and self.in_call_pass.applies(group[0].info)
+                and any(leaf.block is not None for leaf in group))
+
+    def _input_entries(self, leaf: LeafPlan, padded: bool = False) -> int:
+        """Entries read for one leaf (or block): base, experts and their extra inputs
+        (``padded``: the entries of its padded slot instead, see :meth:`_padded`)."""
+        count = _slot_entries(leaf) if padded else math.prod(leaf.info.shape)
         return count * (1 + len(self.experts) * (1 + len(self.extras)))
 
     def _leaf_bytes(self, leaf: LeafPlan) -> int:
         """Budget estimate: stored inputs plus their float32 working copies."""
         itemsize = self._dtype_of(leaf, self.base).itemsize
-        return self._input_entries(leaf) * (itemsize + 4 * _WORK_FACTOR)
+        return self._input_entries(leaf, padded=True) * (itemsize + 4 * _WORK_FACTOR)
 
     def _chunks(self, applies=None, only_blocks=False, flatten=True) -> list[_Chunk]:
         """Chunks of same-shape leaves within the budget; oversized leaves of
@@ -411,8 +542,12 @@ class Executor:
                     group = [leaf for leaf in group if applies(leaf.info)]
                 if not group or (only_blocks and group[0].block is None):
                     continue
-                chunks.extend(dataclasses.replace(chunk, flat=flat)
-                              for chunk in self._group_chunks(group))
+                if applies is None and self._sums_in_call(group):
+                    chunks.extend(dataclasses.replace(chunk, flat=flat)
+                                  for chunk in self._in_call_chunks(group))
+                else:
+                    chunks.extend(dataclasses.replace(chunk, flat=flat)
+                                  for chunk in self._group_chunks(group))
         return chunks
 
     def _routed_groups(self, flatten: bool) -> list[tuple[list[LeafPlan], bool]]:
@@ -426,26 +561,24 @@ class Executor:
                 choice = self.merge.choose(leaf.info)
                 for piece in self._segments(leaf) if flatten else [leaf]:
                     flat = flatten and self._flattens(piece)
-                    key = ((math.prod(piece.info.shape), piece.info.dtype, choice) if flat
+                    key = ((_slot_entries(piece), piece.info.dtype, choice) if flat
                            else (shape_key, choice))
                     groups.setdefault((flat, key), []).append(piece)
         return [(leaves, flat) for (flat, _), leaves in groups.items()]
 
-    def _segmentable(self, leaf: LeafPlan) -> bool:
+    def _segmentable(self, leaf: LeafPlan, padding: bool = False) -> bool:
         """Whether ``leaf`` may be merged in flat segments: one device, a merge that is
-        flat and row-wise there with no statistics pass over it (a segment's values are
-        then those of its entries in the whole flattened leaf), and a size whose entry
-        offsets fit the int32 the compiled call takes.
-
-        (A per-leaf statistic that a whole leaf computes in its own call, such as
-        DARE-TIES's majority sign, would need a pass over the segments. Tried: merging
-        them with a stand-in and again only where the signs cancel; on bf16 task
-        vectors they cancel in most segments, and first runs were no faster.)"""
+        flat and row-wise there with no statistics pass over it but one summed in the call
+        (a segment's values are then those of its entries in the whole flattened leaf;
+        DARE-TIES's majority sign summed over the segments of the leaf), and a size whose
+        entry offsets fit the int32 the compiled call takes (``padding``: of any size,
+        to be padded into a segment)."""
         info = leaf.info
+        size = math.prod(info.shape)
         return (self.mesh is None and info.ndim >= 1
-                and SEGMENT_MIN_ENTRIES <= math.prod(info.shape) < 2**31
+                and (padding or SEGMENT_MIN_ENTRIES <= size) and size < 2**31
                 and self.merge.flat(info) and self.merge.rowwise(info)
-                and not any(stats_pass.applies(info) for stats_pass in self.merge.passes))
+                and not self._passes_over(info))
 
     @functools.cached_property
     def segment_entries(self) -> int | None:
@@ -477,8 +610,11 @@ class Executor:
 
     def _segments(self, leaf: LeafPlan) -> list[LeafPlan]:
         """``leaf`` as row blocks of :attr:`segment_entries` entries each, when it may be
-        segmented and its rows tile them; else ``[leaf]``."""
+        segmented and its rows tile them; a small leaf padded into one (:meth:`_padded`);
+        else ``[leaf]``."""
         entries = self.segment_entries
+        if entries is not None and self._padded(leaf):
+            return [dataclasses.replace(leaf, padded=entries)]
         if entries is None or not self._segmentable(leaf):
             return [leaf]
         size = math.prod(leaf.info.shape)
@@ -487,6 +623,34 @@ class Executor:
             return [leaf]
         return leaf.row_blocks(entries // row)
 
+    def _padded(self, leaf: LeafPlan) -> bool:
+        """Whether a small leaf (fewer entries than a segment: norms, biases) is merged in
+        a segment's program, zero-padded, instead of a program of its own size: a merge
+        that could segment it (the entries after its own do not change its values, and
+        an in-call count over zeros is 0), while the padding of all such leaves costs at
+        most a quarter of the segmented entries' work (SmolLM2: 61 norm vectors, 6.7 M
+        padded entries against 134 M; a program costs XLA:CPU 0.3-0.6 s to compile)."""
+        return leaf.name in self._padded_leaves
+
+    @functools.cached_property
+    def _padded_leaves(self) -> frozenset[str]:
+        entries = self.segment_entries
+        if entries is None:
+            return frozenset()
+        small, segmented = [], 0
+        for leaves in self.plan.groups.values():
+            for leaf in leaves:
+                size = math.prod(leaf.info.shape)
+                if not self._segmentable(leaf, padding=True):
+                    continue
+                if size < entries:
+                    small.append(leaf.name)
+                elif size % entries == 0:
+                    segmented += size
+        if not small or len(small) * entries * 4 > segmented:
+            return frozenset()
+        return frozenset(small)
+
     def _flattens(self, leaf: LeafPlan) -> bool:
         """Whether ``leaf`` is merged flattened: one device, a merge that declares it
         :attr:`~jaxmerge.algebra.Merge.flat` there, and a leaf within the budget (a
@@ -494,13 +658,36 @@ class Executor:
         return (self.mesh is None and self.merge.flat(leaf.info)
                 and self._leaf_bytes(leaf) <= self.chunk_bytes)
 
+    def _in_call_chunks(self, group: list[LeafPlan]) -> list[_Chunk]:
+        """``in_call`` chunks of a group that sums the in-call statistic
+        (:meth:`_sums_in_call`): the leaves whose pieces are all in the group and fit one
+        chunk packed together (:func:`_packed`), then the pieces of the others (larger
+        than a chunk: their statistic's partials outside each chunk come from a pass)."""
+        size = self._chunk_slots(group)
+        by_leaf: dict[str, list[LeafPlan]] = {}
+        for piece in group:
+            by_leaf.setdefault(piece.name, []).append(piece)
+        together = [pieces for pieces in by_leaf.values()
+                    if len(pieces) <= size and _covers(pieces)]
+        names = {pieces[0].name for pieces in together}
+        rest = [piece for piece in group if piece.name not in names]
+        packed = _packed(together, size)
+        size = len(packed[0]) if packed else size  # one program: one chunk size
+        packed += [rest[start:start + size] + [None] * (start + size - len(rest))
+                   for start in range(0, len(rest), size)]
+        return [_Chunk(slots, in_call=True) for slots in packed]
+
+    def _chunk_slots(self, group: list[LeafPlan]) -> int:
+        """Leaves (or pieces) of the group a one-device chunk holds: the budget's worth."""
+        return max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(group[0]))))
+
     def _group_chunks(self, group: list[LeafPlan]) -> list[_Chunk]:
         """Equal-size chunks of one group's leaves (the last one padded).
 
         One device: as many leaves as the budget holds. A mesh: row-sharded chunks of
         one leaf each (see :meth:`_row_sharded`), or leaf-parallel chunks of up to the
         budget's worth of leaves per device, padded to fill every device."""
-        size = max(1, min(len(group), self.chunk_bytes // max(1, self._leaf_bytes(group[0]))))
+        size = self._chunk_slots(group)
         if self.mesh is not None and self._row_sharded(group[0]):
             return [_Chunk([leaf], ROWS) for leaf in group]
         if self.mesh is None:
@@ -578,16 +765,18 @@ class Executor:
                 for value in extras.values():
                     value[i] = 0
                 continue
-            rows, shape = leaf.read_rows, leaf.info.shape  # (a flat chunk: views reshaped)
-            self.base.read(leaf.name, base[i].reshape(shape), rows)
+            rows = leaf.read_rows
+            self.base.read(leaf.name, _leaf_view(base[i], leaf, zero_padding=True), rows)
             for t, expert in enumerate(self.experts):
-                expert.read(leaf.name, experts[i, t].reshape(shape), rows)
+                expert.read(leaf.name, _leaf_view(experts[i, t], leaf, zero_padding=True), rows)
             for name, sources in self.extras.items():
                 for t, source in enumerate(sources):
-                    source.read(leaf.name, extras[name][i, t].reshape(shape), rows)
+                    source.read(leaf.name, _leaf_view(extras[name][i, t], leaf,
+                                                      zero_padding=True), rows)
         hashes, offsets = chunk.ids()
-        nbytes = base.nbytes + experts.nbytes + sum(v.nbytes for v in extras.values())
-        nbytes = nbytes * len(chunk.leaves) // chunk.size
+        per_entry = base.itemsize + sum(array.itemsize * array.shape[1]
+                                        for array in [experts, *extras.values()])
+        nbytes = per_entry * sum(math.prod(leaf.info.shape) for leaf in chunk.leaves)
         return (hashes, offsets, base, experts, extras), nbytes
 
     def _release(self, chunk: _Chunk, arrays) -> None:
@@ -686,7 +875,7 @@ class Executor:
         info = chunk.leaves[0].info
         group = ("flat", chunk.shape, info.dtype) if chunk.flat else info.group_key()
         key = (group, self.merge.choose(info), chunk.leaves[0].out_dtype.str,
-               chunk.leaves[0].out_dtype.name)
+               chunk.leaves[0].out_dtype.name, chunk.in_call)
         if chunk.strategy is not None:
             key += (chunk.strategy,)
         return key
@@ -731,6 +920,7 @@ class Executor:
         if any(not stats_pass.per_leaf for stats_pass in self.merge.passes):
             return []
         with_stats = {leaf.name for stats_pass in self.merge.passes
+                      if stats_pass is not self.in_call_pass
                       for chunk in self._chunks(stats_pass.applies, only_blocks=True)
                       for leaf in chunk.leaves}
         return [chunk for chunk in chunks
@@ -743,8 +933,10 @@ class Executor:
         {pass id: {leaf name: statistic}} for per-leaf ones.
         """
         stats: dict = {}
-        for number, stats_pass in enumerate(self.merge.passes, start=1):
-            label = f"pass {number}/{len(self.merge.passes)}: {stats_pass.description}"
+        passes = [stats_pass for stats_pass in self.merge.passes
+                  if stats_pass is not self.in_call_pass]
+        for number, stats_pass in enumerate(passes, start=1):
+            label = f"pass {number}/{len(passes)}: {stats_pass.description}"
             if stats_pass.per_leaf:
                 stats[stats_pass.id] = self._per_leaf_pass(stats_pass, label, stats)
                 continue
@@ -782,9 +974,10 @@ class Executor:
         return results
 
     def _pass_totals(self, stats_pass: StatsPass, chunks: list[_Chunk], label: str,
-                     stats: dict) -> dict:
+                     stats: dict, by_piece: bool = False) -> dict:
         """Streams ``chunks`` through one pass: {leaf name: summed partials} for per-leaf
-        passes (row blocks of one leaf summed), {None: sum over every leaf} otherwise."""
+        passes (row blocks of one leaf summed; ``by_piece``: {(name, block): partial}),
+        {None: sum over every leaf} otherwise."""
         def call_of(chunk, arrays):
             fn = self._compiled_fn(
                 ("pass", stats_pass.id), chunk,
@@ -803,8 +996,8 @@ class Executor:
                 if stats_pass.per_leaf:
                     for i, leaf in enumerate(chunk.slots):
                         if leaf is not None:
-                            _accumulate(totals, leaf.name,
-                                        jax.tree.map(lambda p, i=i: p[i], partial))
+                            key = (leaf.name, leaf.block) if by_piece else leaf.name
+                            _accumulate(totals, key, jax.tree.map(lambda p, i=i: p[i], partial))
                 else:  # partial sums, one per device (or one)
                     _accumulate(totals, None, jax.tree.map(lambda p: p.sum(axis=0), partial))
                 self._count_chunk(chunk)
@@ -913,16 +1106,25 @@ class Executor:
                 1, thread_name_prefix="jaxmerge-write") as pool:
             def call_of(chunk, arrays):
                 out_dtype = chunk.leaves[0].out_dtype
-                fn = self._compiled_fn("apply", chunk,
-                                       lambda info, d=out_dtype, c=chunk: self._compile_apply(
-                                           info, d, c))
-                return fn, self._call_args(chunk, arrays, stats)
+                if not chunk.in_call:
+                    fn = self._compiled_fn(
+                        "apply", chunk,
+                        lambda info, d=out_dtype, c=chunk: self._compile_apply(info, d, c))
+                    return fn, self._call_args(chunk, arrays, stats)
+                fn = self._compiled_fn(
+                    "pieces", chunk,
+                    lambda info, d=out_dtype: _compile_apply_pieces(self.merge, info, d))
+                return fn, (*self._call_args(chunk, arrays, stats), *outside.of(chunk))
 
             pending = None
             chunks = self._chunks()
+            outside = _Outside(chunks)
             with self._compiling_ahead(call_of) as ahead:
                 ahead.submit(self._free_of_stats(chunks))  # compiled while the passes run
                 stats.update(self.compute_stats())
+                if outside.straddling:
+                    outside.measure(self, stats)
+                self.report.in_call_leaves = outside.together
                 ahead.submit(chunks)
                 for chunk, (merged, finite) in _launched(self._stream(chunks, "merge"),
                                                          ahead.launch, self.compute_threads,
@@ -959,7 +1161,7 @@ class Executor:
         """
         if chunk.strategy is None:
             merged = np.asarray(merged)
-            return [(leaf, merged[i].reshape(leaf.info.shape), leaf.read_rows)
+            return [(leaf, _leaf_view(merged[i], leaf), leaf.read_rows)
                     for i, leaf in enumerate(chunk.slots) if leaf is not None]
         pieces = []
         for shard in merged.addressable_shards:
@@ -1189,6 +1391,49 @@ def _accumulate(totals: dict, key, partial) -> None:
         totals[key] = jax.tree.map(np.add, totals[key], partial)
     else:
         totals[key] = partial
+
+
+class _Outside:
+    """Per ``in_call`` chunk, the arguments that sum a leaf's statistic over all of its
+    pieces: each slot's leaf id (:meth:`_Chunk.leaf_ids`) and the int32 sum of the
+    partials of its leaf's pieces in other chunks. Those pieces belong to leaves larger
+    than one chunk (``straddling``); :meth:`measure` gets their partials from one pass
+    over their chunks. Every other leaf is all in one chunk (``together``): 0."""
+
+    def __init__(self, chunks: list[_Chunk]):
+        homes: dict[str, set[int]] = {}
+        for index, chunk in enumerate(chunks):
+            if chunk.in_call:
+                for leaf in chunk.leaves:
+                    homes.setdefault(leaf.name, set()).add(index)
+        self.straddling = {name for name, home in homes.items() if len(home) > 1}
+        self.together = len(homes) - len(self.straddling)
+        self._chunks = [chunk for chunk in chunks if chunk.in_call
+                        and any(leaf.name in self.straddling for leaf in chunk.leaves)]
+        self._partials: dict | None = None  # {(name, block): partial}, once measured
+        self._totals: dict[str, int] = {}
+
+    def measure(self, executor: Executor, stats: dict) -> None:
+        """Runs the in-call statistic's pass over the straddling leaves' chunks."""
+        stats_pass = executor.in_call_pass
+        self._partials = executor._pass_totals(
+            stats_pass, self._chunks, f"pass: {stats_pass.description} (large tensors)",
+            stats, by_piece=True)
+        for (name, _), partial in self._partials.items():
+            self._totals[name] = self._totals.get(name, 0) + int(partial)
+
+    def of(self, chunk: _Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """(leaf ids, outside sums) of one chunk. Before :meth:`measure`, zeros stand in
+        for the straddling leaves' sums (for compiling ahead: only their shape counts)."""
+        ids = chunk.leaf_ids()
+        outside = np.zeros(chunk.size, np.int64)
+        for i, leaf in enumerate(chunk.slots):
+            if leaf is None or leaf.name not in self.straddling or self._partials is None:
+                continue
+            inside = sum(int(self._partials[(other.name, other.block)])
+                         for other in chunk.leaves if other.name == leaf.name)
+            outside[i] = self._totals[leaf.name] - inside
+        return ids, outside.astype(np.int32)
 
 
 class _NoBar:

@@ -368,31 +368,44 @@ def trim(density: float = 0.2, scope: str = "per_tensor") -> Merge:
     return rowwise(apply, passes=(zero_pass, high_pass, low_pass), flat=True)
 
 
+def _count_sum(signs):
+    """Σ of a ±1/0 array as int32, exactly. Summed in float32 when that is exact (at
+    most 2²⁴ entries: every partial sum is an integer float32 holds), which XLA:CPU
+    reduces with one vectorised kernel; an int32 sum compiles into several."""
+    if signs.size <= 2**24:
+        return jnp.sum(signs.astype(jnp.float32)).astype(jnp.int32)
+    return jnp.sum(signs.astype(jnp.int32))
+
+
 def elect_sign(scope: str = "per_tensor") -> Merge:
     """TIES elect: keeps the entries whose sign agrees with g = sign(Σ_t τ̂_t).
 
     METHODS.md §2 step 2. Where g = 0 the majority sign of g over the scope
     (``per_tensor`` or ``global``, a statistics pass) is used; entries that
-    disagree become 0.
+    disagree become 0. Per tensor the pass is ``in_call``: a call counts the
+    majority of the leaves it merges itself, summed over their pieces
+    (``ctx.leaf_total``), so DARE-TIES's leaves may be cut into segments that share
+    one compiled program, with no statistics pass.
     """
     if scope not in ("per_tensor", "global"):
         raise ConfigError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
 
     def partial(x, ctx):
-        return jnp.sum(jnp.sign(expert_sum(x)).astype(jnp.int32))
+        return _count_sum(jnp.sign(expert_sum(x)))
 
     def finalize(total, stats):
         return np.float32(np.sign(np.asarray(total, np.int64)))
 
+    per_tensor = scope == "per_tensor"
     majority_pass = stats_pass(partial, finalize, f"TIES majority sign ({scope})",
-                               per_leaf=scope == "per_tensor")
+                               per_leaf=per_tensor, in_call=per_tensor)
 
     def apply(x, ctx):
         g = jnp.sign(expert_sum(x))
         if majority_pass.id in ctx.stats:
             majority = jnp.asarray(ctx.stats[majority_pass.id])
-        else:  # a whole leaf: its own majority
-            majority = jnp.sign(jnp.sum(g))
+        else:  # the leaf's own majority, from its pieces in this call
+            majority = jnp.sign(ctx.leaf_total(_count_sum(g))).astype(g.dtype)
         g = jnp.where(g == 0, majority, g)
         return jnp.where(jnp.sign(x) == g, x, 0.0)
 

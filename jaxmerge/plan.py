@@ -48,6 +48,8 @@ class LeafPlan:
       copy: non-floating tensors are copied from the base unchanged.
       block: rows ``[start, stop)`` of the merged rows, when the executor merges a
         large leaf in row blocks (row-wise merges only); None for the whole leaf.
+      padded: the entries of the flat slot a small whole leaf is merged in, its own
+        first and zeros after (the executor pads small leaves into segments); None.
     """
 
     info: LeafInfo
@@ -58,6 +60,7 @@ class LeafPlan:
     alias_of: str | None = None
     copy: bool = False
     block: tuple[int, int] | None = None
+    padded: int | None = None
 
     @property
     def name(self) -> str:

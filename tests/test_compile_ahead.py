@@ -81,6 +81,7 @@ def test_merge_calls_compile_while_the_statistics_passes_run(monkeypatch, merge,
     merge_calls = set()
     real_stats = executor.Executor.compute_stats
     real_apply = executor.Executor._compile_apply
+    real_pieces = executor._compile_apply_pieces
 
     def compute_stats(self):
         result = real_stats(self)
@@ -92,12 +93,18 @@ def test_merge_calls_compile_while_the_statistics_passes_run(monkeypatch, merge,
         merge_calls.add(id(fn))
         return fn
 
+    def compile_pieces(*args):  # the calls of row blocks
+        fn = real_pieces(*args)
+        merge_calls.add(id(fn))
+        return fn
+
     def recording(fn, structs):
         if id(fn) in merge_calls:  # not a statistics pass's call
-            queued.append((known[0], structs[-2:]))
+            queued.append((known[0], structs[6:8]))  # (global, per-leaf statistics)
 
     monkeypatch.setattr(executor.Executor, "compute_stats", compute_stats)
     monkeypatch.setattr(executor.Executor, "_compile_apply", compile_apply)
+    monkeypatch.setattr(executor, "_compile_apply_pieces", compile_pieces)
     monkeypatch.setattr(executor, "_compile_quietly", recording)
     jaxmerge.merge(merge, *models(), key=0, chunk_bytes=20_000)
     before = [stats for after, stats in queued if not after]

@@ -115,13 +115,14 @@ def test_leaves_over_the_budget_keep_their_shape_in_row_blocks(monkeypatch):
     merge = jaxmerge.ties()
     base, experts = models(seed=3)
     calls = []
-    real = executor.Executor._compile_apply
+    real = executor.Executor._compiled_fn
 
-    def recording(self, info, out_dtype, chunk):
-        calls.append((chunk.flat, chunk.shape))
-        return real(self, info, out_dtype, chunk)
+    def recording(self, kind, chunk, factory):  # merge programs (the blocks': "pieces")
+        if kind in ("apply", "pieces") and (kind, *self._program_key(chunk)) not in self._compiled:
+            calls.append((chunk.flat, chunk.shape))
+        return real(self, kind, chunk, factory)
 
-    monkeypatch.setattr(executor.Executor, "_compile_apply", recording)
+    monkeypatch.setattr(executor.Executor, "_compiled_fn", recording)
     budget = 60_000  # a 768-entry leaf with 3 experts needs ~49 kB, the embedding ~98 kB
     flat = jaxmerge.merge(merge, base, experts, chunk_bytes=budget, compute_threads=1)
     assert sorted(shape for is_flat, shape in calls if is_flat) == [(16,), (768,)]

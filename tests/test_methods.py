@@ -328,9 +328,9 @@ def _swept_leaves(monkeypatch) -> list[tuple[str, set]]:
     swept = []
     real = executor.Executor._pass_totals
 
-    def recording(self, stats_pass, chunks, label, stats):
+    def recording(self, stats_pass, chunks, label, stats, **options):
         swept.append((stats_pass.description, {leaf.name for c in chunks for leaf in c.leaves}))
-        return real(self, stats_pass, chunks, label, stats)
+        return real(self, stats_pass, chunks, label, stats, **options)
 
     monkeypatch.setattr(executor.Executor, "_pass_totals", recording)
     return swept
