@@ -137,13 +137,13 @@ def balanced_block_rows(rows: int, max_rows: int) -> int:
 
 
 def _leaf_context(merge_info: LeafInfo, root_key, leaf_hash, row_offset, base, experts, extras,
-                  global_stats, leaf_stats):
+                  global_stats, leaf_stats, leaf_sum=None):
     base32 = base.astype(jnp.float32)
     taus = experts.astype(jnp.float32) - base32[None]
     keys = functools.partial(derive_keys, root_key, leaf_hash, experts.shape[0])  # where used
     extras32 = {name: value.astype(jnp.float32) for name, value in extras.items()}
     stats = {**global_stats, **leaf_stats}
-    return LeafContext(taus, base32, keys, extras32, stats, row_offset, merge_info)
+    return LeafContext(taus, base32, keys, extras32, stats, row_offset, merge_info, leaf_sum)
 
 
 _IN_AXES = (None, 0, 0, 0, 0, 0, None, 0)
@@ -185,7 +185,7 @@ def _apply_one(merge: Merge, info: LeafInfo, out_dtype, pieces: bool = False):
         # (measured: 4.8 ms vs 0.9 ms per 3 × 1536 × 576 leaf for a plain mean).
         flags = _finite_flags(*args[3:6])
         flags, args = lax.optimization_barrier((flags, args))
-        ctx = _leaf_context(info, *args)._replace(leaf_sum=leaf_sum)
+        ctx = _leaf_context(info, *args, leaf_sum=leaf_sum)
         delta = merge.apply(ctx.taus, ctx)
         return (ctx.base + delta).astype(out_dtype), flags
 
@@ -388,6 +388,12 @@ def _covers(pieces: list[LeafPlan]) -> bool:
     return rows == (pieces[0].rows or pieces[0].out_shape[0])
 
 
+def _in_slots(leaves: list[LeafPlan], size: int) -> list[list[LeafPlan | None]]:
+    """``leaves`` in order, ``size`` slots a chunk, the last chunk padded with None."""
+    return [leaves[start:start + size] + [None] * (start + size - len(leaves))
+            for start in range(0, len(leaves), size)]
+
+
 def _packed(leaves: list[list[LeafPlan]], size: int) -> list[list[LeafPlan | None]]:
     """Slots of chunks holding each leaf's pieces together, ``leaves`` each at most
     ``size`` pieces: first-fit decreasing into chunks of one size between ``size`` / 2
@@ -496,17 +502,22 @@ class Executor:
         per leaf and ``in_call``, on one device. (The last: no later pass reads it, since a
         pass's call could not sum it over a leaf's pieces.)"""
         passes = self.merge.passes
-        small = all(math.prod(leaf.info.shape) < 2**31 for leaf in self.plan.leaves)
-        if (self.mesh is None and small and passes and passes[-1].per_leaf
-                and passes[-1].in_call):  # (int32 counts)
+        if (self.mesh is None and passes and passes[-1].per_leaf and passes[-1].in_call
+                and all(math.prod(leaf.info.shape) < 2**31  # (int32 counts)
+                        for leaf in self.plan.leaves)):
             return passes[-1]
         return None
 
-    def _passes_over(self, info: LeafInfo) -> list[StatsPass]:
-        """The statistics passes that run over all of ``info``'s leaf (the one summed in
-        the call only runs over pieces in several calls)."""
+    @property
+    def _streamed_passes(self) -> list[StatsPass]:
+        """The statistics passes run over whole leaves before the merge: all but the one
+        summed in the call (which only runs over leaves too large for one call)."""
         return [stats_pass for stats_pass in self.merge.passes
-                if stats_pass is not self.in_call_pass and stats_pass.applies(info)]
+                if stats_pass is not self.in_call_pass]
+
+    def _passes_over(self, info: LeafInfo) -> list[StatsPass]:
+        """The statistics passes that run over all of ``info``'s leaf."""
+        return [stats_pass for stats_pass in self._streamed_passes if stats_pass.applies(info)]
 
     def _sums_in_call(self, group: list[LeafPlan]) -> bool:
         """Whether a group's calls sum the in-call statistic: its leaves are read in pieces
@@ -610,10 +621,10 @@ class Executor:
 
     def _segments(self, leaf: LeafPlan) -> list[LeafPlan]:
         """``leaf`` as row blocks of :attr:`segment_entries` entries each, when it may be
-        segmented and its rows tile them; a small leaf padded into one (:meth:`_padded`);
+        segmented and its rows tile them; a small leaf padded into one (:attr:`_padded_leaves`);
         else ``[leaf]``."""
         entries = self.segment_entries
-        if entries is not None and self._padded(leaf):
+        if leaf.name in self._padded_leaves:
             return [dataclasses.replace(leaf, padded=entries)]
         if entries is None or not self._segmentable(leaf):
             return [leaf]
@@ -623,17 +634,14 @@ class Executor:
             return [leaf]
         return leaf.row_blocks(entries // row)
 
-    def _padded(self, leaf: LeafPlan) -> bool:
-        """Whether a small leaf (fewer entries than a segment: norms, biases) is merged in
-        a segment's program, zero-padded, instead of a program of its own size: a merge
-        that could segment it (the entries after its own do not change its values, and
-        an in-call count over zeros is 0), while the padding of all such leaves costs at
-        most a quarter of the segmented entries' work (SmolLM2: 61 norm vectors, 6.7 M
-        padded entries against 134 M; a program costs XLA:CPU 0.3-0.6 s to compile)."""
-        return leaf.name in self._padded_leaves
-
     @functools.cached_property
     def _padded_leaves(self) -> frozenset[str]:
+        """The small leaves (fewer entries than a segment: norms, biases) merged in a
+        segment's program, zero-padded, instead of a program of their own size: those of
+        a merge that could segment them (the entries after a leaf's own do not change its
+        values, and an in-call count over zeros is 0), unless padding them all would cost
+        more than a quarter of the segmented entries' work (SmolLM2: 61 norm vectors, 6.7 M
+        padded entries against 134 M; a program costs XLA:CPU 0.3-0.6 s to compile)."""
         entries = self.segment_entries
         if entries is None:
             return frozenset()
@@ -673,9 +681,7 @@ class Executor:
         rest = [piece for piece in group if piece.name not in names]
         packed = _packed(together, size)
         size = len(packed[0]) if packed else size  # one program: one chunk size
-        packed += [rest[start:start + size] + [None] * (start + size - len(rest))
-                   for start in range(0, len(rest), size)]
-        return [_Chunk(slots, in_call=True) for slots in packed]
+        return [_Chunk(slots, in_call=True) for slots in packed + _in_slots(rest, size)]
 
     def _chunk_slots(self, group: list[LeafPlan]) -> int:
         """Leaves (or pieces) of the group a one-device chunk holds: the budget's worth."""
@@ -691,8 +697,7 @@ class Executor:
         if self.mesh is not None and self._row_sharded(group[0]):
             return [_Chunk([leaf], ROWS) for leaf in group]
         if self.mesh is None:
-            return [_Chunk(group[start:start + size] + [None] * (start + size - len(group)))
-                    for start in range(0, len(group), size)]
+            return [_Chunk(slots) for slots in _in_slots(group, size)]
         per_device = min(size, -(-len(group) // self._devices))
         size = self._devices * per_device
         return [_Chunk(_spread(group[start:start + size], self._devices, per_device), LEAVES)
@@ -919,8 +924,7 @@ class Executor:
         leaves merged in row blocks (the only ones that get per-leaf statistics)."""
         if any(not stats_pass.per_leaf for stats_pass in self.merge.passes):
             return []
-        with_stats = {leaf.name for stats_pass in self.merge.passes
-                      if stats_pass is not self.in_call_pass
+        with_stats = {leaf.name for stats_pass in self._streamed_passes
                       for chunk in self._chunks(stats_pass.applies, only_blocks=True)
                       for leaf in chunk.leaves}
         return [chunk for chunk in chunks
@@ -933,8 +937,7 @@ class Executor:
         {pass id: {leaf name: statistic}} for per-leaf ones.
         """
         stats: dict = {}
-        passes = [stats_pass for stats_pass in self.merge.passes
-                  if stats_pass is not self.in_call_pass]
+        passes = self._streamed_passes
         for number, stats_pass in enumerate(passes, start=1):
             label = f"pass {number}/{len(passes)}: {stats_pass.description}"
             if stats_pass.per_leaf:
